@@ -1,0 +1,47 @@
+# Two commands do all the set-up on a fresh machine with Python 3.11:
+#   make test   install runtime + test dependencies into .venv and run the whole test suite
+#   make demo   the one-command demo on synthetic data (CPU, a few minutes)
+# Others: make iabn (optional compiled In-Place ABN), make bench, make test-fast, make clean.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+CUDA_HOME ?= /usr/local/cuda
+TORCH_CUDA_ARCH_LIST ?= 9.0
+
+.PHONY: test test-fast demo iabn bench clean venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-test.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -r requirements.txt -r requirements-test.txt
+	touch $@
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow"
+
+demo: $(VENV)/.installed
+	$(PY) tools/demo.py
+
+bench: $(VENV)/.installed
+	$(PY) bench/run_all.py
+
+# In-Place ABN is source-only; it compiles the CPU kernels, and the CUDA ones where a
+# CUDA toolkit exists at $(CUDA_HOME).
+iabn: $(VENV)/.iabn
+
+$(VENV)/.iabn: $(VENV)/.installed
+	$(PIP) install -q setuptools_scm wheel
+	if [ -d "$(CUDA_HOME)" ]; then export CUDA_HOME="$(CUDA_HOME)"; fi; \
+	TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" \
+	$(PIP) install -q --no-cache-dir --no-build-isolation inplace-abn==1.1.0
+	$(PY) -c "import inplace_abn"
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache

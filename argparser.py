@@ -1,0 +1,421 @@
+"""The command line: every option of the original, the method presets, and our additions.
+
+``parse_options(argv)`` is the one entry: it parses, applies the method preset and the
+derived options exactly as the original does, validates combinations, and returns the
+options namespace. Problems that make the run impossible raise ``OptionError`` (one line);
+things worth knowing (a preset overriding an explicit option, an option the original
+ignores) are collected in ``opts.warnings`` for the logger.
+
+Run ``python argparser.py`` (or ``python run.py --help``) for the grouped option list.
+"""
+import argparse
+import difflib
+import os
+import sys
+
+import tasks
+
+# Method presets of the original, applied after parsing (they overwrite these options).
+METHOD_PRESETS = {
+    "FT": {},
+    "LWF": {"loss_kd": 100},
+    "LWF-MC": {"icarl": True, "icarl_importance": 10},
+    "ILT": {"loss_kd": 100, "loss_de": 100},
+    "EWC": {"regularizer": "ewc", "reg_importance": 500},
+    "RW": {"regularizer": "rw", "reg_importance": 100},
+    "PI": {"regularizer": "pi", "reg_importance": 500},
+    "MiB": {"loss_kd": 10, "unce": True, "unkd": True, "init_balanced": True},
+}
+METHODS = list(METHOD_PRESETS)
+
+# Options the original parses but never reads: option -> (dest, what happens here).
+IGNORED_BY_ORIGINAL = {
+    "--fusion-mode": ("fusion_mode", "it has no effect (the original never reads it either)"),
+    "--num_classes": ("num_classes", "it is derived from --dataset (21 for voc, 150 for ade), "
+                                     "as in the original"),
+}
+
+
+class OptionError(ValueError):
+    """An impossible or contradictory command line; the message says what to do."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, exit code 1 and the nearest valid spelling."""
+
+    def error(self, message):
+        hint = self._suggest(message)
+        sys.stderr.write(f"error: {message}{hint} (see --help)\n")
+        sys.exit(1)
+
+    def _suggest(self, message):
+        if "unrecognized arguments" not in message:
+            return ""
+        words = [w for w in message.split(":", 1)[1].split() if w.startswith("-")]
+        known = [s for a in self._actions for s in a.option_strings]
+        hints = []
+        for w in words:
+            near = difflib.get_close_matches(w.split("=")[0], known, n=1, cutoff=0.6)
+            if near:
+                hints.append(f"{w} -> did you mean {near[0]}?")
+        return ("; " + "; ".join(hints)) if hints else ""
+
+
+def _method(value):
+    """Method names are case-insensitive here (the original accepts only its spelling)."""
+    for m in METHODS:
+        if m.lower() == value.lower():
+            return m
+    near = difflib.get_close_matches(value.upper(), [m.upper() for m in METHODS], n=1)
+    hint = f" (did you mean {METHODS[[m.upper() for m in METHODS].index(near[0])]}?)" if near else ""
+    raise argparse.ArgumentTypeError(
+        f"unknown method '{value}'{hint}; valid: {', '.join(METHODS)}")
+
+
+def _steps(value):
+    """``0``, ``0,1,2`` or ``all`` (resolved against the task later)."""
+    if value.strip().lower() == "all":
+        return "all"
+    try:
+        steps = [int(v) for v in value.split(",") if v.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid step '{value}': give a step number, a list such as 0,1,2, or all")
+    if not steps or any(s < 0 for s in steps):
+        raise argparse.ArgumentTypeError(f"invalid step '{value}': steps are numbers >= 0")
+    return steps
+
+
+def _floats(value):
+    """One float, or a comma-separated list (one value per task step, the last repeats)."""
+    try:
+        vals = [float(v) for v in value.split(",") if v.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid value '{value}': give a number or a comma-separated list of numbers")
+    if not vals:
+        raise argparse.ArgumentTypeError("empty value")
+    return vals
+
+
+def get_argparser():
+    p = _Parser(description="MiB: incremental semantic segmentation (FT, LwF, LwF-MC, ILT, "
+                            "EWC, RW, PI, MiB) on Pascal VOC 2012 and ADE20K.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    g = p.add_argument_group("process and reproducibility")
+    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int,
+                   default=int(os.environ.get("LOCAL_RANK", 0)),
+                   help="GPU index of this process; set by the launcher (torchrun sets the "
+                        "LOCAL_RANK environment variable instead)")
+    g.add_argument("--random_seed", type=int, default=42, help="seed of torch, numpy and random")
+    g.add_argument("--num_workers", type=int, default=1,
+                   help="data loader workers (also used to scan masks when building index lists)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="[new] auto = CUDA when available, else CPU; cpu forces the CPU")
+    g.add_argument("--debug", action="store_true", default=False,
+                   help="verbose logging and full tracebacks; lets step>0 start without the "
+                        "previous checkpoint (as the original)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data_root", type=str, default="data",
+                   help="folder that holds PascalVOC12/ or ADEChallengeData2016/")
+    g.add_argument("--dataset", type=str, default="voc", choices=["voc", "ade"], help="dataset")
+    g.add_argument("--num_classes", type=int, default=None,
+                   help="ignored: derived from --dataset (as in the original)")
+    g.add_argument("--index_dir", type=str, default="data",
+                   help="[new] root of the image index lists <index_dir>/<dataset>/<task>[-ov]/ "
+                        "(the original uses data/ in the working directory; point it at a copy "
+                        "of the original project's data/ folder to reuse its lists)")
+    g.add_argument("--crop_size", type=int, default=512,
+                   help="training crop side; also the validation resize/crop side")
+    g.add_argument("--crop_val", action="store_false", default=True,
+                   help="inverted flag, as in the original: PASSING it disables the validation "
+                        "resize+center crop (full images, batch 1)")
+    g.add_argument("--full_image_eval", action="store_true", default=False,
+                   help="[new] evaluate on full images (the same as passing --crop_val)")
+    g.add_argument("--no_mask", action="store_true", default=False,
+                   help="do not map old-class pixels of the training set to background")
+    g.add_argument("--overlap", "--overlapped", dest="overlap", action="store_true",
+                   default=False, help="overlapped image selection (default: disjoint)")
+    g.add_argument("--val_on_trainset", action="store_true", default=False,
+                   help="run the final test on the training split instead of val")
+    g.add_argument("--cross_val", action="store_true", default=False,
+                   help="validate on a random 20%% of the step's training subset")
+    g.add_argument("--train_void_as_ignore", action="store_true", default=False,
+                   help="[fix] keep void pixels (VOC 255 borders, ADE 0) ignored in training "
+                        "instead of training them as background")
+
+    g = p.add_argument_group("task")
+    g.add_argument("--task", type=str, default="19-1", choices=tasks.get_task_list(),
+                   metavar="TASK", help=f"task split: {', '.join(tasks.get_task_list())}")
+    g.add_argument("--step", type=_steps, default="0",
+                   help="step to run; [new] also a list (0,1,2) or all, run one after the other")
+    g.add_argument("--step_ckpt", type=str, default=None,
+                   help="previous-step checkpoint (default "
+                        "<checkpoint_dir>/<task>-<dataset>_<name>_<step-1>.pth)")
+
+    g = p.add_argument_group("method")
+    g.add_argument("--method", type=_method, default=None, metavar="METHOD",
+                   help=f"preset ({', '.join(METHODS)}; any letter case); overwrites the "
+                        "options it sets, as in the original")
+    g.add_argument("--explicit_overrides_preset", action="store_true", default=False,
+                   help="[new] options given explicitly win over the --method preset "
+                        "(the original lets the preset win)")
+    g.add_argument("--bce", action="store_true", default=False,
+                   help="BCE-with-ignore criterion instead of cross-entropy")
+    g.add_argument("--unce", action="store_true", default=False,
+                   help="unbiased cross-entropy at step>0 (MiB)")
+    g.add_argument("--loss_kd", type=float, default=0.0,
+                   help="weight of output distillation (step>0)")
+    g.add_argument("--unkd", action="store_true", default=False,
+                   help="unbiased distillation instead of plain KD (MiB)")
+    g.add_argument("--alpha", type=float, default=1.0,
+                   help="multiplies the teacher logits inside (un)biased KD")
+    g.add_argument("--loss_de", type=float, default=0.0,
+                   help="weight of encoder (feature) distillation (step>0)")
+    g.add_argument("--init_balanced", action="store_true", default=False,
+                   help="background-based init of the new classifier at step>0 (MiB)")
+    g.add_argument("--icarl", action="store_true", default=False,
+                   help="iCaRL-style BCE training and distillation (LwF-MC)")
+    g.add_argument("--icarl_importance", type=float, default=1.0,
+                   help="weight of the combined iCaRL distillation term")
+    g.add_argument("--icarl_disjoint", action="store_true", default=False,
+                   help="disjoint iCaRL loss instead of the combined one")
+    g.add_argument("--icarl_bkg", action="store_true", default=False,
+                   help="disjoint iCaRL: keep the ground truth for channel 0")
+    g.add_argument("--regularizer", type=str, default=None, choices=["ewc", "rw", "pi"],
+                   help="weight-importance regulariser")
+    g.add_argument("--reg_importance", type=float, default=1.0, help="weight of the penalty")
+    g.add_argument("--reg_alpha", type=float, default=0.9,
+                   help="weight of the newest squared gradient in the Fisher estimate")
+    g.add_argument("--reg_no_normalize", action="store_true", default=False,
+                   help="do not min-max normalise the importances of the previous step")
+    g.add_argument("--reg_iterations", type=int, default=10,
+                   help="RW: score update period in iterations")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=30, help="epochs of this step")
+    g.add_argument("--batch_size", type=int, default=4,
+                   help="batch size PER PROCESS (total = batch_size x processes)")
+    g.add_argument("--lr", type=_floats, default="0.007",
+                   help="learning rate; [new] a list gives one value per task step "
+                        "(0.01,0.001: step 0 at 0.01, later steps at 0.001)")
+    g.add_argument("--momentum", type=float, default=0.9,
+                   help="SGD momentum (hard-wired to 0.9 in the original; honoured here)")
+    g.add_argument("--weight_decay", type=float, default=1e-4, help="weight decay")
+    g.add_argument("--lr_policy", type=str, default="poly", choices=["poly", "step"],
+                   help="learning-rate schedule, stepped every iteration")
+    g.add_argument("--lr_decay_step", type=int, default=5000, help="step schedule period (iterations)")
+    g.add_argument("--lr_decay_factor", type=float, default=0.1, help="step schedule factor")
+    g.add_argument("--lr_power", type=float, default=0.9, help="poly exponent")
+    g.add_argument("--fix_bn", action="store_true", default=False,
+                   help="freeze the affine parameters of every norm layer")
+    g.add_argument("--freeze", action="store_true", default=False,
+                   help="do not optimise the body")
+    g.add_argument("--opt_level", type=str, default="O0", choices=["O0", "O1", "O2", "O3"],
+                   help="apex level of the original: O0 = fp32; O1-O3 = autocast "
+                        "(fp16 + loss scaling on CUDA, bf16 on CPU)")
+    g.add_argument("--amp", type=str, default=None, choices=["off", "fp16", "bf16"],
+                   help="[new] mixed precision explicitly; wins over --opt_level")
+    g.add_argument("--skip_nonfinite", action="store_true", default=False,
+                   help="[new] skip a batch whose loss is not finite instead of stopping")
+    g.add_argument("--compile", action="store_true", default=False,
+                   help="[new] torch.compile the model (falls back to eager if it fails)")
+    g.add_argument("--channels_last", type=str, default="auto", choices=["auto", "on", "off"],
+                   help="[new] channels-last memory format (auto: on with CUDA)")
+
+    g = p.add_argument_group("network")
+    g.add_argument("--backbone", type=str, default="resnet101",
+                   choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"],
+                   help="ResNet body (the original offers resnet50 and resnet101)")
+    g.add_argument("--output_stride", type=int, default=16, choices=[8, 16], help="output stride")
+    g.add_argument("--no_pretrained", "--no-pretrained", dest="no_pretrained",
+                   action="store_true", default=False, help="do not load ImageNet weights")
+    g.add_argument("--pretrained_dir", type=str, default="pretrained",
+                   help="[new] folder of <backbone>_<norm_act>.pth.tar ImageNet weights")
+    g.add_argument("--norm_act", type=str, default="iabn_sync",
+                   choices=["iabn_sync", "iabn", "abn", "std"], help="norm + activation layers")
+    g.add_argument("--norm_impl", type=str, default="auto", choices=["auto", "torch", "inplace_abn"],
+                   help="[new] implementation of the norm layers: torch (pure PyTorch, exact), "
+                        "inplace_abn (the compiled package), auto (the package on CUDA when "
+                        "installed, else torch)")
+    g.add_argument("--fusion-mode", dest="fusion_mode", type=str, default="mean",
+                   choices=["mean", "voting", "max"], help="ignored (as in the original)")
+    g.add_argument("--pooling", type=int, default=32, help="eval-time pooling window of the head")
+
+    g = p.add_argument_group("checkpoints, resume and test")
+    g.add_argument("--checkpoint_dir", type=str, default="checkpoints/step",
+                   help="[new] where step checkpoints go (the original's fixed folder)")
+    g.add_argument("--ckpt", type=str, default=None,
+                   help="checkpoint to resume from, or to test with --test")
+    g.add_argument("--test", action="store_true", default=False,
+                   help="only test (the trained checkpoint of the step, or --ckpt)")
+    g.add_argument("--resume", type=str, default="auto", choices=["auto", "never"],
+                   help="[new] auto: skip finished steps and continue an interrupted one from "
+                        "its last epoch checkpoint; never: train from scratch")
+    g.add_argument("--ckpt_interval", type=int, default=1,
+                   help="epochs between resume checkpoints (ignored by the original)")
+    g.add_argument("--overlap_in_names", action="store_true", default=False,
+                   help="[fix] add -ov to checkpoint and log names of overlapped runs so they "
+                        "do not overwrite the disjoint ones")
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--logdir", type=str, default="./logs", help="TensorBoard and results root")
+    g.add_argument("--name", type=str, default="Experiment", help="experiment name")
+    g.add_argument("--sample_num", type=int, default=0,
+                   help="validation batches whose first image is logged as a picture")
+    g.add_argument("--visualize", action="store_false", default=True,
+                   help="inverted flag, as in the original: PASSING it disables TensorBoard")
+    g.add_argument("--print_interval", type=int, default=10, help="iterations between loss logs")
+    g.add_argument("--val_interval", type=int, default=1, help="validate every N epochs")
+    g.add_argument("--no_progress", action="store_true", default=False,
+                   help="[new] no progress bars")
+    return p
+
+
+def _explicit_dests(parser, argv):
+    """Names of the options that appear on the command line (to report preset overrides)."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    ns, _ = parser.parse_known_args(argv)
+    return set(vars(ns))
+
+
+def apply_method_preset(opts, explicit=frozenset()):
+    """The original's preset step; returns one line per explicit option it overwrote."""
+    notes = []
+    if opts.method is None:
+        return notes
+    for key, value in METHOD_PRESETS[opts.method].items():
+        given = getattr(opts, key)
+        if key in explicit and given != value:
+            if opts.explicit_overrides_preset:
+                notes.append(f"--{key} {given} kept over the {opts.method} preset's {value} "
+                             "(--explicit_overrides_preset)")
+                continue
+            notes.append(f"--method {opts.method} sets {key} = {value}, overriding the "
+                         f"--{key} {given} you gave (as the original does; add "
+                         "--explicit_overrides_preset to keep yours)")
+        setattr(opts, key, value)
+    return notes
+
+
+def modify_command_options(opts):
+    """Derived options of the original (§4)."""
+    opts.num_classes = {"voc": 21, "ade": 150}[opts.dataset]
+    if not opts.visualize:
+        opts.sample_num = 0
+    opts.no_overlap = not opts.overlap
+    opts.no_cross_val = not opts.cross_val
+    opts.task_name = f"{opts.task}-{opts.dataset}"
+    if opts.overlap and opts.overlap_in_names:
+        opts.task_name = f"{opts.task}-ov-{opts.dataset}"
+    return opts
+
+
+def lr_for_step(opts, step):
+    """Learning rate of a task step: the step-th value of --lr, the last one repeating."""
+    return opts.lrs[min(step, len(opts.lrs) - 1)]
+
+
+def _validate(opts, explicit):
+    warnings = []
+    # task and steps
+    try:
+        canonical = tasks.canonical_task(opts.dataset, opts.task)
+    except tasks.TaskError as e:
+        raise OptionError(str(e))
+    if canonical != opts.task:
+        warnings.append(f"task '{opts.task}' is the paper's name of '{canonical}'; "
+                        f"files use '{canonical}'")
+        opts.task = canonical
+    n = tasks.num_steps(opts.dataset, opts.task)
+    steps = list(range(n)) if opts.step == "all" else opts.step
+    bad = [s for s in steps if s >= n]
+    if bad:
+        raise OptionError(f"step {bad[0]} does not exist in task '{opts.task}' of "
+                          f"'{opts.dataset}'; valid steps: 0..{n - 1}")
+    if steps != sorted(set(steps)):
+        raise OptionError(f"steps must be increasing and distinct, got {','.join(map(str, steps))}")
+    if len(steps) > 1 and (steps[1:] != list(range(steps[0] + 1, steps[-1] + 1))):
+        raise OptionError("a list of steps must be consecutive (each step starts from the "
+                          "previous one's checkpoint)")
+    opts.steps = steps
+    opts.step = steps[0]
+    opts.lrs = opts.lr
+    opts.lr = lr_for_step(opts, opts.step)
+
+    # impossible numbers
+    for key, minimum in (("epochs", 1), ("batch_size", 1), ("crop_size", 16),
+                         ("val_interval", 1), ("ckpt_interval", 1), ("print_interval", 1),
+                         ("reg_iterations", 1), ("pooling", 1)):
+        if getattr(opts, key) < minimum:
+            raise OptionError(f"--{key} must be at least {minimum}, got {getattr(opts, key)}")
+    if opts.num_workers < 0:
+        raise OptionError("--num_workers must be 0 or more")
+    if opts.sample_num < 0:
+        raise OptionError("--sample_num must be 0 or more")
+
+    # contradictions
+    if opts.test and len(opts.steps) > 1:
+        raise OptionError("--test takes one step; give --step N")
+    if opts.ckpt is not None and len(opts.steps) > 1:
+        raise OptionError("--ckpt belongs to one step; give --step N or drop --ckpt "
+                          "(interrupted steps resume by themselves with --resume auto)")
+    if opts.step_ckpt is not None and len(opts.steps) > 1:
+        raise OptionError("--step_ckpt belongs to one step; give --step N")
+    if opts.step_ckpt is not None and opts.step == 0:
+        warnings.append("--step_ckpt is ignored at step 0 (there is no previous step)")
+    if opts.fix_bn and opts.regularizer == "ewc":
+        raise OptionError("--fix_bn cannot be combined with EWC (the EWC update needs the "
+                          "gradients of the frozen norm layers; the original crashes here)")
+    if opts.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise OptionError("--device cuda given but no CUDA device is available; "
+                              "use --device cpu or auto")
+
+    # options that do nothing in this combination
+    if opts.full_image_eval:
+        opts.crop_val = False
+    if opts.unkd and opts.loss_kd <= 0:
+        warnings.append("--unkd has no effect without --loss_kd > 0")
+    if (opts.icarl_disjoint or opts.icarl_bkg) and not opts.icarl:
+        warnings.append("--icarl_disjoint/--icarl_bkg have no effect without --icarl")
+    if opts.icarl_bkg and not opts.icarl_disjoint:
+        warnings.append("--icarl_bkg only affects the disjoint iCaRL loss (--icarl_disjoint)")
+    for option, (dest, why) in IGNORED_BY_ORIGINAL.items():
+        if dest in explicit:
+            warnings.append(f"{option} is ignored: {why}")
+    if opts.step > 0 and opts.method is None and not any(
+            k in explicit for k in ("loss_kd", "loss_de", "unce", "icarl", "regularizer",
+                                    "init_balanced", "bce")):
+        warnings.append("no --method and no loss option given: step>0 runs plain "
+                        "fine-tuning (FT)")
+    return warnings
+
+
+def parse_options(argv=None):
+    """Parse ``argv`` (default ``sys.argv[1:]``) into the options of a run."""
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = get_argparser()
+    opts = parser.parse_args(argv)
+    explicit = _explicit_dests(get_argparser(), argv)
+    notes = apply_method_preset(opts, explicit)
+    notes += _validate(opts, explicit)
+    modify_command_options(opts)
+    opts.explicit = sorted(explicit)
+    opts.warnings = notes
+    return opts
+
+
+def main_error(message):
+    """Print one error line and exit with status 1 (used by the entry points)."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+    get_argparser().print_help()
