@@ -241,7 +241,8 @@ def canonical_task(dataset, name):
 
 def get_task_dict(dataset, name, step=None):
     """Steps -> labels of a task; with ``step`` only the steps 0..step (checked)."""
-    task = TASKS[dataset][canonical_task(dataset, name)]
+    name = canonical_task(dataset, name)
+    task = TASKS[dataset][name]
     if step is None:
         return dict(task)
     if not isinstance(step, int) or step not in task:
