@@ -1,0 +1,98 @@
+"""Process setup and collective helpers for one code path: a plain single process,
+``torchrun`` (rank from the environment) or the legacy ``torch.distributed.launch``.
+
+Without a launcher there is no process group at all and every helper here is a no-op."""
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str = ""
+
+    @property
+    def distributed(self):
+        return self.world_size > 1 or dist.is_initialized()
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def launched_by_launcher():
+    """torchrun and the legacy launcher export WORLD_SIZE, RANK and MASTER_ADDR."""
+    return all(k in os.environ for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def resolve_device(device_opt, local_rank):
+    """``auto``: the GPU of this process when CUDA is available, else the CPU."""
+    if device_opt == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    index = local_rank % torch.cuda.device_count()
+    return torch.device("cuda", index)
+
+
+def setup(device_opt="auto", local_rank=0):
+    """Create the process group when launched by a launcher; ``nccl`` on CUDA, ``gloo`` on CPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", local_rank))
+    device = resolve_device(device_opt, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not launched_by_launcher():
+        return DistContext(rank=0, world_size=1, local_rank=local_rank, device=device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, init_method="env://",
+                                timeout=datetime.timedelta(minutes=30), **kwargs)
+    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                       local_rank=local_rank, device=device, backend=backend)
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def reduce_sum_to_main(tensor):
+    """Sum ``tensor`` over processes into rank 0 (in place); other ranks keep partial values."""
+    if dist.is_initialized():
+        dist.reduce(tensor, dst=0, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_sum(tensor):
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj, src=0):
+    """Send a picklable object from ``src`` to every process."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def any_process(flag, device):
+    """True on every process when ``flag`` is true on at least one (for agreed early exits)."""
+    if not dist.is_initialized():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

@@ -1,0 +1,111 @@
+"""Text log (stderr and a file in the log dir) and TensorBoard (tensorboardX), rank 0 only.
+
+Every TensorBoard tag gets the suffix ``/<step>`` as in the original (``Loss/1``,
+``Val_MeanIoU/1``), so all steps of a sequence share one log dir."""
+import logging
+import os
+import sys
+
+from tqdm import tqdm
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Writes through tqdm so that messages do not break a progress bar."""
+
+    def emit(self, record):
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
+class Logger:
+    def __init__(self, logdir, rank, debug=False, summary=True, step=None, log_file=True):
+        self.logdir = logdir
+        self.rank = rank
+        self.is_main = rank == 0
+        self.debug_flag = debug
+        self.step = step
+        self.writer = None
+        self._log = logging.getLogger(f"mib.rank{rank}")
+        self._log.handlers.clear()
+        self._log.propagate = False
+        self._log.setLevel(logging.DEBUG if debug else logging.INFO)
+        fmt = logging.Formatter(f"%(levelname)s:rank{rank}: %(message)s")
+        handler = _TqdmHandler(sys.stderr)
+        handler.setFormatter(fmt)
+        self._log.addHandler(handler)
+        if self.is_main:
+            os.makedirs(logdir, exist_ok=True)
+            if log_file:
+                fh = logging.FileHandler(os.path.join(logdir, "log.txt"), encoding="utf-8")
+                fh.setFormatter(logging.Formatter(
+                    f"%(asctime)s %(levelname)s:rank{rank}: %(message)s"))
+                self._log.addHandler(fh)
+            if summary:
+                from tensorboardX import SummaryWriter
+                self.writer = SummaryWriter(logdir)
+
+    # --- text -----------------------------------------------------------------------------
+    def info(self, msg):
+        if self.is_main:
+            self._log.info(msg)
+
+    def debug(self, msg):
+        if self.is_main and self.debug_flag:
+            self._log.debug(msg)
+
+    def warning(self, msg):
+        if self.is_main:
+            self._log.warning(msg)
+
+    def error(self, msg):
+        self._log.error(msg)
+
+    def print(self, msg):
+        """Emitted by every rank (the original's print level)."""
+        self._log.info(msg)
+
+    # --- TensorBoard ----------------------------------------------------------------------
+    def _tag(self, tag):
+        return f"{tag}/{self.step}" if self.step is not None else tag
+
+    def add_scalar(self, tag, value, step=None):
+        if self.writer is not None:
+            self.writer.add_scalar(self._tag(tag), float(value), step)
+
+    def add_image(self, tag, image, step=None):
+        """``image``: uint8 array or tensor, CHW."""
+        if self.writer is not None:
+            self.writer.add_image(self._tag(tag), image, step)
+
+    def add_figure(self, tag, figure, step=None):
+        if self.writer is not None:
+            self.writer.add_figure(self._tag(tag), figure, step)  # closes the figure
+
+    def add_table(self, tag, table, step=None):
+        """A two-column HTML table (Term, Value) as a text entry."""
+        if self.writer is not None:
+            rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in table.items())
+            html = f"<table width=\"100%\"><tr><th>Term</th><th>Value</th></tr>{rows}</table>"
+            self.writer.add_text(self._tag(tag), html, step)
+
+    def add_results(self, results, tag="Results"):
+        """One HTML table: each row is a key followed by the values of its nested dict."""
+        if self.writer is not None:
+            rows = "".join("<tr><td>" + str(k) + "</td>" +
+                           "".join(f"<td>{v}</td>" for v in row.values()) + "</tr>"
+                           for k, row in results.items())
+            self.writer.add_text(self._tag(tag), f"<table width=\"100%\">{rows}</table>")
+
+    def flush(self):
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        for h in list(self._log.handlers):
+            h.close()
+            self._log.removeHandler(h)

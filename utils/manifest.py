@@ -1,0 +1,56 @@
+"""The run manifest: which steps of a sequence are finished, with their checkpoint checksum.
+
+It lives in the log dir (``<logdir>/<task>-<dataset>/<name>/manifest.json``) and is written
+atomically after a step's test phase; a rerun skips the steps it lists as finished."""
+import os
+import time
+
+from .checkpoint import CheckpointError, atomic_write_json, read_json, sha256_of
+
+MANIFEST_NAME = "manifest.json"
+
+
+class Manifest:
+    def __init__(self, logdir):
+        self.path = os.path.join(logdir, MANIFEST_NAME)
+        self.data = {"steps": {}}
+        if os.path.isfile(self.path):
+            self.data = read_json(self.path, "run manifest")
+            self.data.setdefault("steps", {})
+
+    def entry(self, step):
+        return self.data["steps"].get(str(step))
+
+    def finished(self, step):
+        entry = self.entry(step)
+        return entry is not None and entry.get("status") == "finished"
+
+    def check_finished_checkpoint(self, step):
+        """True when the step is finished and its checkpoint is unchanged since then."""
+        entry = self.entry(step)
+        if entry is None or entry.get("status") != "finished":
+            return False
+        path = entry["checkpoint"]
+        if not os.path.isfile(path):
+            raise CheckpointError(
+                f"step {step} is recorded as finished in {self.path} but its checkpoint {path} "
+                "is gone; rerun with --resume never to train the step again")
+        if sha256_of(path) != entry["sha256"]:
+            raise CheckpointError(
+                f"checkpoint {path} changed since step {step} finished (checksum differs from "
+                f"{self.path}); restore it, or rerun with --resume never to train the step again")
+        return True
+
+    def mark_finished(self, step, checkpoint, summary=None):
+        self.data["steps"][str(step)] = {
+            "status": "finished",
+            "checkpoint": checkpoint,
+            "sha256": sha256_of(checkpoint),
+            "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "summary": summary or {},
+        }
+        atomic_write_json(self.path, self.data)
+
+    def forget(self, step):
+        if self.data["steps"].pop(str(step), None) is not None:
+            atomic_write_json(self.path, self.data)
