@@ -60,6 +60,7 @@ def _worker(rank, world, folder, impls):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_sync_over_two_gloo_processes_equals_one_process_over_the_whole_batch(tmp_path):
     impls = ["torch"] + (["inplace_abn"] if inplace_abn_available() else [])

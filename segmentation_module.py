@@ -1,0 +1,190 @@
+"""The incremental segmentation network (ResNet body + DeepLab-v3 head + one classifier per
+step), its construction from the options, and moving weights in and out of it.
+
+State-dict keys are those of the original: ``body.*`` / ``head.*`` / ``cls.<k>.*``, and in
+checkpoint files every key carries the ``module.`` prefix of the DDP wrapper the original
+saves through. Helpers here accept keys with or without it."""
+import os
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from modules import DeeplabV3, is_norm_layer, make_resnet, norm_act_factory
+from utils.checkpoint import CheckpointError, load_trusted  # noqa: F401  (re-exported)
+
+HEAD_CHANNELS = 256
+PREFIX = "module."
+IMAGENET_CLASSIFIER_KEYS = ("classifier.fc.weight", "classifier.fc.bias")
+
+
+class PretrainedWeightsNotFound(CheckpointError):
+    """The ImageNet weights file the body should start from is not there."""
+
+
+class IncrementalSegmentationModule(nn.Module):
+    """``body`` -> ``head`` -> concatenation of the per-step 1x1 classifiers ``cls[k]``
+    (``classes[k]`` outputs each), upsampled bilinearly to the input size."""
+
+    def __init__(self, body, head, head_channels, classes, ncm=False, fusion_mode="mean"):
+        super().__init__()
+        if not isinstance(classes, (list, tuple)) or not classes:
+            raise ValueError(f"classes must be a non-empty list of per-step class counts, "
+                             f"got {classes!r}")
+        self.body = body
+        self.head = head
+        self.cls = nn.ModuleList([nn.Conv2d(head_channels, n, 1) for n in classes])
+        self.classes = list(classes)
+        self.head_channels = head_channels
+        self.tot_classes = sum(self.classes)
+        # kept for compatibility with the original's signature; neither has any effect
+        self.ncm = ncm
+        self.fusion_mode = fusion_mode
+
+    def _network(self, x):
+        features = self.body(x)
+        pre_logits = self.head(features)
+        logits = torch.cat([c(pre_logits) for c in self.cls], dim=1)
+        return logits, features, pre_logits
+
+    def forward(self, x, ret_intermediate=False):
+        """Returns ``(logits at the input's size, extras)``; ``extras`` is ``{}``, or with
+        ``ret_intermediate`` truthy (the trainer passes the float ``loss_de``)
+        ``{"body": body output, "pre_logits": head output}``."""
+        logits, features, pre_logits = self._network(x)
+        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        if ret_intermediate:
+            return logits, {"body": features, "pre_logits": pre_logits}
+        return logits, {}
+
+    def init_new_classifier(self, device=None):
+        """MiB's background-based initialisation of the newest classifier: every new class
+        gets the background row of ``cls[0]`` and the bias ``b_bg - ln(N + 1)``; the old
+        background bias is set to that value too (as the original does)."""
+        if len(self.cls) < 2:
+            raise ValueError("init_new_classifier needs a model with at least two steps")
+        new = self.cls[-1]
+        if device is None:
+            device = new.weight.device
+        with torch.no_grad():
+            w_bg = self.cls[0].weight[0]
+            b_bg = self.cls[0].bias[0]
+            # ln(N + 1) in float32, as the original computes it
+            shift = torch.log(torch.tensor([float(self.classes[-1] + 1)],
+                                           dtype=torch.float32)).to(device)
+            new_bias = b_bg - shift
+            new.weight.copy_(w_bg)
+            new.bias.copy_(new_bias)
+            self.cls[0].bias[0].copy_(new_bias.squeeze(0))
+
+    def fix_bn(self):
+        """Every norm layer to eval mode with frozen affine parameters (``--fix_bn``).
+        A later ``model.train()`` puts the layers back in training mode, as in the original."""
+        for m in self.modules():
+            if is_norm_layer(m):
+                m.eval()
+                m.weight.requires_grad = False
+                m.bias.requires_grad = False
+
+
+# ------------------------------------------------------------------------------------------
+# state dicts and files
+
+def strip_module_prefix(state):
+    """Keys without the leading ``module.`` (keys without it are kept as they are)."""
+    return OrderedDict((k[len(PREFIX):] if k.startswith(PREFIX) else k, v)
+                       for k, v in state.items())
+
+
+def add_module_prefix(state):
+    """Keys with a leading ``module.`` (keys that have it are kept as they are)."""
+    return OrderedDict((k if k.startswith(PREFIX) else PREFIX + k, v) for k, v in state.items())
+
+
+def unwrap(model):
+    """The network inside a DDP / DataParallel wrapper (or the model itself)."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    return model.module if isinstance(model, wrappers) else model
+
+
+def _examples(keys, limit=3):
+    keys = list(keys)
+    more = f", ... ({len(keys)} in all)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_model_state(model, state, strict=True, source="checkpoint"):
+    """Load ``state`` (keys with or without ``module.``; ``num_batches_tracked`` ignored)
+    into ``model`` (wrapped or not). ``strict=False`` tolerates missing and unexpected keys,
+    e.g. the newest classifier when loading the previous step; the result lists them
+    (``.missing_keys``, ``.unexpected_keys``). Shape mismatches are always an error."""
+    target = unwrap(model)
+    state = OrderedDict((k, v) for k, v in strip_module_prefix(state).items()
+                        if not k.endswith("num_batches_tracked"))
+    own = target.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [f"{k} {list(v.shape)} vs model {list(own[k].shape)}"
+                   for k, v in state.items()
+                   if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
+    problems = []
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} with another shape ({_examples(wrong_shape)})")
+    if strict and missing:
+        problems.append(f"{len(missing)} missing ({_examples(missing)})")
+    if strict and unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({_examples(unexpected)})")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model: keys " + "; ".join(problems)
+                              + " - check --backbone, --dataset, --task and --step")
+    return target.load_state_dict(state, strict=strict)
+
+
+def model_state_for_checkpoint(model):
+    """The model's state dict as the original writes it (every key prefixed ``module.``),
+    so files move both ways between the two projects."""
+    return add_module_prefix(unwrap(model).state_dict())
+
+
+def pretrained_path(backbone, norm_act, pretrained_dir="pretrained"):
+    """The original's file name for the ImageNet weights of a body."""
+    return os.path.join(pretrained_dir, f"{backbone}_{norm_act}.pth.tar")
+
+
+def load_imagenet_weights(body, path):
+    """Load an In-Place ABN ImageNet checkpoint (entry ``state_dict``, keys with or without
+    ``module.``) into ``body``, strictly, without the ImageNet classifier."""
+    if not os.path.isfile(path):
+        raise PretrainedWeightsNotFound(
+            f"ImageNet weights not found: {path}. Download the In-Place ABN ImageNet "
+            "checkpoint (In-Place ABN project releases; see the README, 'Pretrained weights') "
+            "and save it under that name, or pass --no_pretrained to start from random "
+            "weights")
+    checkpoint = load_trusted(path, what="ImageNet weights")
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"ImageNet weights {path} hold no state dict (expected a dict "
+                              "with the entry 'state_dict', as the In-Place ABN releases)")
+    state = OrderedDict((k, v) for k, v in strip_module_prefix(state).items()
+                        if k not in IMAGENET_CLASSIFIER_KEYS)
+    return load_model_state(body, state, strict=True, source=f"ImageNet weights {path}")
+
+
+def make_model(opts, classes=None):
+    """Body (+ ImageNet weights unless ``opts.no_pretrained``), head and one classifier per
+    entry of ``classes``. Reads ``backbone``, ``output_stride``, ``norm_act``, ``norm_impl``
+    (``auto`` counts as ``torch``: resolve it first), ``no_pretrained``, ``pretrained_dir``
+    and ``pooling``."""
+    if classes is None:
+        raise ValueError("make_model needs the per-step class counts (classes=[...]); the "
+                         "original's non-incremental model does not exist")
+    norm = norm_act_factory(opts.norm_act, getattr(opts, "norm_impl", "torch"))
+    body = make_resnet(opts.backbone, norm, output_stride=opts.output_stride)
+    if not opts.no_pretrained:
+        load_imagenet_weights(body, pretrained_path(
+            opts.backbone, opts.norm_act, getattr(opts, "pretrained_dir", None) or "pretrained"))
+    head = DeeplabV3(body.out_channels, HEAD_CHANNELS, HEAD_CHANNELS,
+                     out_stride=opts.output_stride, norm_act=norm, pooling_size=opts.pooling)
+    return IncrementalSegmentationModule(body, head, HEAD_CHANNELS, classes=list(classes),
+                                         fusion_mode=getattr(opts, "fusion_mode", "mean"))
