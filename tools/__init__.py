@@ -1,0 +1,1 @@
+"""Command-line tools that work on the files runs leave behind (result tables and plots)."""
