@@ -22,6 +22,7 @@ from utils import distributed
 from utils.checkpoint import (CheckpointError, atomic_torch_save, load_trusted,
                               step_checkpoint_path)
 from utils.manifest import Manifest
+from dataset.factory import index_folder as dataset_index_folder
 
 CHECKPOINT_FORMAT = "mib-port/1"
 
@@ -44,10 +45,9 @@ class RunError(RuntimeError):
 def user_error_types():
     """Exceptions that mean "bad input": one line and exit code 1 instead of a traceback."""
     from dataset.errors import DatasetError
-    from segmentation_module import PretrainedWeightsError
     from train import NonFiniteLossError
     return (RunError, CheckpointError, argparser.OptionError, tasks.TaskError, DatasetError,
-            PretrainedWeightsError, NonFiniteLossError)
+            NonFiniteLossError)
 
 
 # --- setup helpers --------------------------------------------------------------------------
@@ -76,48 +76,6 @@ def set_seeds(seed):
         torch.cuda.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-
-
-def index_folder(opts):
-    """``<index_dir>/<dataset>/<task>`` (+ ``-ov``), the original's ``data/...`` by default."""
-    folder = os.path.join(opts.index_dir, opts.dataset, opts.task)
-    return folder + "-ov" if opts.overlap else folder
-
-
-def get_dataset(opts, rank):
-    """Train, validation and test sets of the current step (REFERENCE §6.5-6.8)."""
-    from dataset import AdeSegmentationIncremental, VOCSegmentationIncremental
-    from dataset import transform
-    from dataset.loader import cross_val_split
-
-    labels, labels_old, _ = tasks.get_task_labels(opts.dataset, opts.task, opts.step)
-    labels_cum = labels_old + labels
-    path_base = index_folder(opts)
-    dataset_cls = VOCSegmentationIncremental if opts.dataset == "voc" else \
-        AdeSegmentationIncremental
-    train_transform = transform.train_transform(opts.crop_size)
-    val_transform = transform.val_transform(opts.crop_size, opts.crop_val)
-    common = dict(root=opts.data_root, num_workers=opts.num_workers,
-                  progress=rank == 0 and not opts.no_progress, save_index=rank == 0)
-
-    train_dst = dataset_cls(train=True, transform=train_transform, labels=list(labels),
-                            labels_old=list(labels_old),
-                            idxs_path=f"{path_base}/train-{opts.step}.npy",
-                            masking=not opts.no_mask, overlap=opts.overlap,
-                            void_as_ignore=opts.train_void_as_ignore, **common)
-    if opts.cross_val:
-        train_len = int(0.8 * len(train_dst))
-        train_dst, val_dst = cross_val_split(train_dst, [train_len, len(train_dst) - train_len])
-    else:
-        val_dst = dataset_cls(train=False, transform=val_transform, labels=list(labels),
-                              labels_old=list(labels_old),
-                              idxs_path=f"{path_base}/val-{opts.step}.npy",
-                              masking=not opts.no_mask, overlap=True, **common)
-    image_set = "train" if opts.val_on_trainset else "val"
-    test_dst = dataset_cls(train=opts.val_on_trainset, transform=val_transform,
-                           labels=list(labels_cum),
-                           idxs_path=f"{path_base}/test_on_{image_set}-{opts.step}.npy", **common)
-    return train_dst, val_dst, test_dst, len(labels_cum)
 
 
 def main_first(fn, ctx):
@@ -210,12 +168,7 @@ def check_checkpoint_fits(ckpt, path, opts, classes, what):
 
 def load_state_into(model, ckpt, path, strict, what):
     from segmentation_module import load_model_state
-    try:
-        return load_model_state(model, ckpt["model_state"], strict=strict)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{what} {path} does not fit the model ({first}); was it made "
-                              "with another --backbone or --norm_act?") from e
+    return load_model_state(model, ckpt["model_state"], strict=strict, source=f"{what} {path}")
 
 
 # --- the step -------------------------------------------------------------------------------
@@ -282,8 +235,9 @@ class Step:
             logger.warning(w)
 
         set_seeds(opts.random_seed)
+        from dataset.factory import get_dataset
         self.train_dst, self.val_dst, self.test_dst, self.n_classes = main_first(
-            lambda: get_dataset(opts, ctx.rank), ctx)
+            lambda: get_dataset(opts, rank=ctx.rank), ctx)
         random.seed(opts.random_seed)  # the dataset build may have used the generator
         logger.info(f"Dataset: {opts.dataset}, train set: {len(self.train_dst)}, "
                     f"val set: {len(self.val_dst)}, test set: {len(self.test_dst)}, "
@@ -291,7 +245,7 @@ class Step:
         if len(self.train_dst) == 0 and plan != "test":
             raise RunError(f"no training image of step {opts.step} of {opts.task} in "
                            f"{opts.data_root}; check --data_root and the index lists in "
-                           f"{index_folder(opts)}")
+                           f"{dataset_index_folder(opts)}")
 
         from dataset.loader import build_loader
         pin = self.device.type == "cuda"

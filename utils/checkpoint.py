@@ -9,6 +9,11 @@ import tempfile
 
 import torch
 
+# mkstemp creates files readable by the owner only; give them the usual permissions
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or belongs to another run."""
@@ -28,6 +33,7 @@ def _atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException as e:
         try:
