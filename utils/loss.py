@@ -102,9 +102,10 @@ class UnbiasedCrossEntropy(nn.Module):
         x = _upcast(inputs)
         den = torch.logsumexp(x, dim=1)
         log_bkg = torch.logsumexp(x[:, :old_cl], dim=1)
-        valid = targets != self.ignore_index
         is_bkg = targets < old_cl                 # old classes and background -> background
-        index = torch.where(valid & ~is_bkg, targets, torch.zeros_like(targets))
+        labels = torch.where(is_bkg, torch.zeros_like(targets), targets)   # a copy
+        valid = labels != self.ignore_index
+        index = torch.where(valid, labels, torch.zeros_like(labels))
         numerator = torch.where(is_bkg, log_bkg, _gather_channel(x, index))
         loss = torch.where(valid, den - numerator, torch.zeros_like(den))
         return _reduce(loss, self.reduction)

@@ -381,13 +381,13 @@ class RW(_Regularizer):
                 # this iteration's moving-average update
                 d = torch._foreach_sub([self.model_temp[k] for k, _ in with_grad],
                                        [p.detach() for _, p in with_grad])
-                num = torch._foreach_mul(grads, d)
                 den = torch._foreach_mul(d, d)
                 torch._foreach_mul_(den, fisher)
                 torch._foreach_mul_(den, 0.5)
                 torch._foreach_add_(den, 1e-8)
-                torch._foreach_div_(num, den)
-                torch._foreach_add_([self.score[k] for k, _ in with_grad], num)
+                torch._foreach_mul_(d, grads)          # d becomes the numerator
+                torch._foreach_div_(d, den)
+                torch._foreach_add_([self.score[k] for k, _ in with_grad], d)
             self.model_temp = _snapshot(self.model_temp, params)
         self.count += 1
         _moving_average_(fisher, grads, self.alpha)
