@@ -217,3 +217,17 @@ def test_nan_figures_become_null(tmp_path):
     results["Class IoU"][4] = math.nan
     doc = _strict_load(_write(tmp_path, results)[0])
     assert doc["mean_iou"] is None and doc["class_iou"]["4"] is None
+
+
+def test_class_iou_figure_has_a_bar_per_class_coloured_by_step(tmp_path):
+    from utils.results import class_iou_figure
+    doc = load_results(_write(tmp_path, _voc_15_5_results())[0])
+    fig = class_iou_figure(doc)
+    ax = fig.axes[0]
+    bars = ax.containers[0]
+    assert len(bars) == 21
+    heights = [b.get_height() for b in bars]
+    assert heights[17] == pytest.approx(17.0) and heights[3] == 0.0     # percent; absent = 0
+    assert [t.get_text() for t in ax.texts] == ["n/a"]                   # only class 3
+    assert bars[15].get_facecolor() != bars[16].get_facecolor()          # step 0 vs step 1
+    assert [t.get_text() for t in ax.get_xticklabels()][16] == "pottedplant"

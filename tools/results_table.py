@@ -38,7 +38,8 @@ if __package__ in (None, ""):          # run as a script: make the project impor
 
 import tasks  # noqa: E402
 from utils.checkpoint import CheckpointError, _atomic_write  # noqa: E402
-from utils.results import ResultsError, load_results  # noqa: E402
+from utils.results import (ResultsError, class_iou_figure, load_results,  # noqa: E402
+                           new_figure)
 
 METRICS = ("old", "new", "all", "avg")
 # the MiB paper's row order; other rows follow alphabetically
@@ -338,14 +339,6 @@ def to_csv(table):
 
 # -- plots -------------------------------------------------------------------------------------
 
-def _new_figure(size):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=size)
-    FigureCanvasAgg(fig)        # Agg, without pyplot: nothing to close, no display needed
-    return fig
-
-
 def save_png(fig, path):
     """Render to memory, then write atomically (temporary file + rename)."""
     buf = io.BytesIO()
@@ -361,7 +354,7 @@ def plot_steps(runs, out_dir, group_by="name", with_bg=True):
     for setting, by_row in group_runs(runs, group_by).items():
         last = max(s for rs in by_row.values() for r in rs for s in r.docs)
         steps = list(range(last + 1))
-        fig = _new_figure((12, 3.8))
+        fig = new_figure((12, 3.8))
         axes = fig.subplots(1, 3, sharey=True)
         for ax, metric in zip(axes, ("old", "new", "all")):
             for row, row_runs in by_row.items():
@@ -406,36 +399,8 @@ def resolve_run_file(path, step=None):
 
 
 def plot_class_iou(doc, path):
-    """Per-class IoU bars of one result file, coloured by the step that introduced the class;
-    absent classes are marked 'n/a'."""
-    n = len(doc["class_iou"])
-    labels = doc.get("class_labels") or {str(k): k for k in range(n)}
-    names = doc.get("class_names") or {str(k): str(labels[str(k)]) for k in range(n)}
-    step_of, k = {}, 0
-    for s, count in enumerate(len(l) for l in doc["labels_per_step"]):
-        for _ in range(count):
-            step_of[k] = s
-            k += 1
-    fig = _new_figure((max(6.0, 0.32 * n + 2), 4.5))
-    ax = fig.subplots()
-    colours = [f"C{step_of.get(c, 0) % 10}" for c in range(n)]
-    values = [doc["class_iou"][str(c)] for c in range(n)]
-    ax.bar(range(n), [100 * (v or 0.0) for v in values], color=colours)
-    for c, v in enumerate(values):
-        if v is None:
-            ax.text(c, 1, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
-    from matplotlib.patches import Patch
-    handles = [Patch(color=f"C{s % 10}", label=f"step {s}") for s in sorted(set(step_of.values()))]
-    ax.set_xticks(range(n))
-    ax.set_xticklabels([names[str(c)] for c in range(n)], rotation=90,
-                       fontsize=7 if n > 40 else 9)
-    ax.set(ylabel="IoU (%)", ylim=(0, 100))
-    miou = doc.get("miou_all")
-    ax.set_title(f"{doc['name']} · {doc['dataset'].upper()} {doc['task']} step {doc['step']}: "
-                 f"per-class IoU (mIoU all {MISSING if miou is None else percent(miou, 1)})")
-    ax.legend(handles=handles, loc="upper right", fontsize="small")
-    fig.tight_layout()
-    return save_png(fig, path)
+    """Per-class IoU bars of one result file (``utils.results.class_iou_figure``) as a PNG."""
+    return save_png(class_iou_figure(doc), path)
 
 
 # -- command line ------------------------------------------------------------------------------

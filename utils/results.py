@@ -19,7 +19,8 @@ from metrics.summaries import summarize_iou
 from utils.checkpoint import atomic_write_text
 
 __all__ = ["RESULTS_FORMAT", "REQUIRED_KEYS", "ResultsError", "CSV_COLUMNS", "results_dir",
-           "result_paths", "build_step_results", "write_step_results", "load_results"]
+           "result_paths", "build_step_results", "write_step_results", "load_results",
+           "class_iou_figure", "new_figure"]
 
 RESULTS_FORMAT = 1
 REQUIRED_KEYS = ("task", "dataset", "step", "name", "method", "seed", "opts", "labels_per_step",
@@ -234,3 +235,45 @@ def load_results(path):
         raise ResultsError(f"results file {path} lacks the keys {', '.join(missing)}; it was "
                            f"not written by this project's run.py ({rerun})")
     return doc
+
+
+def new_figure(size):
+    """A matplotlib figure on the Agg canvas, not registered with pyplot (no display needed,
+    freed when no longer referenced)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def class_iou_figure(doc):
+    """Per-class IoU bars of one result document (as written by :func:`write_step_results`),
+    coloured by the step that introduced each class; absent classes are marked 'n/a'. For
+    ``tools/results_table.py --run`` and for TensorBoard (``add_figure``) at test time."""
+    from matplotlib.patches import Patch
+
+    n = len(doc["class_iou"])
+    names = doc.get("class_names") or {str(k): str(k) for k in range(n)}
+    step_of = [s for s, labels in enumerate(doc["labels_per_step"]) for _ in labels]
+    step_of += [step_of[-1] if step_of else 0] * (n - len(step_of))
+    values = [doc["class_iou"][str(c)] for c in range(n)]
+
+    fig = new_figure((max(6.0, 0.32 * n + 2), 4.5))
+    ax = fig.subplots()
+    ax.bar(range(n), [100 * (v or 0.0) for v in values],
+           color=[f"C{step_of[c] % 10}" for c in range(n)])
+    for c, v in enumerate(values):
+        if v is None:
+            ax.text(c, 1, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(n))
+    ax.set_xticklabels([names.get(str(c), str(c)) for c in range(n)], rotation=90,
+                       fontsize=7 if n > 40 else 9)
+    ax.set(ylabel="IoU (%)", ylim=(0, 100))
+    miou = doc.get("miou_all")
+    ax.set_title(f"{doc['name']} · {doc['dataset'].upper()} {doc['task']} step {doc['step']}: "
+                 f"per-class IoU (mIoU all {'–' if miou is None else f'{100 * miou:.1f}'})")
+    ax.legend(handles=[Patch(color=f"C{s % 10}", label=f"step {s}")
+                       for s in sorted(set(step_of))], loc="upper right", fontsize="small")
+    fig.tight_layout()
+    return fig
