@@ -2,7 +2,6 @@
 steps; means, sample stds, the avg column, layout (Markdown and CSV), --step, old-class
 convention, plots, and one-line errors."""
 import csv
-import io
 import math
 import os
 import subprocess
@@ -12,7 +11,6 @@ import pytest
 from PIL import Image
 
 import tasks
-from tools import results_table
 from tools.results_table import main, strip_seed_suffix
 from utils.results import write_step_results
 

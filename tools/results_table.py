@@ -25,7 +25,6 @@ unrounded mean, the std and the number of runs in separate columns.
 import argparse
 import csv
 import io
-import math
 import os
 import re
 import statistics
