@@ -13,12 +13,12 @@ within an iteration is the original's (REFERENCE §12.4):
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from utils import distributed
-from utils.loss import (BCEWithLogitsLossWithIgnoreIndex, IcarlLoss, KnowledgeDistillationLoss,
-                        UnbiasedCrossEntropy, UnbiasedKnowledgeDistillationLoss)
+from utils.loss import (EncoderDistillationLoss, IcarlDistillationLoss, IcarlLoss,
+                        KnowledgeDistillationLoss, UnbiasedKnowledgeDistillationLoss,
+                        make_main_criterion)
 from utils.regularizer import get_regularizer
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -26,26 +26,6 @@ AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-class CrossEntropyAllPixels(torch.nn.Module):
-    """Cross-entropy ignoring 255, averaged over ALL pixels (ignored ones count as 0)."""
-
-    def __init__(self, ignore_index=255):
-        super().__init__()
-        self.ignore_index = ignore_index
-
-    def forward(self, inputs, targets):
-        return F.cross_entropy(inputs.float(), targets, ignore_index=self.ignore_index,
-                               reduction="none").mean()
-
-
-def icarl_distillation(outputs, outputs_old):
-    """Combined iCaRL term before its weight: per-pixel sum over old channels of
-    BCE(z_c, sigmoid(z_old_c)), averaged over all pixels (= C_old x element mean)."""
-    old = outputs_old.shape[1]
-    return old * F.binary_cross_entropy_with_logits(
-        outputs[:, :old].float(), torch.sigmoid(outputs_old.float()), reduction="mean")
 
 
 class Trainer:
@@ -70,13 +50,11 @@ class Trainer:
         self.icarl_only_dist = opts.icarl and opts.icarl_disjoint and has_old
         if self.icarl_only_dist:
             self.criterion = IcarlLoss(reduction="mean", bkg=opts.icarl_bkg)
-        elif opts.bce or opts.icarl:
-            self.criterion = BCEWithLogitsLossWithIgnoreIndex(reduction="mean")
-        elif opts.unce and self.old_classes != 0:
-            self.criterion = UnbiasedCrossEntropy(old_cl=self.old_classes, reduction="mean")
         else:
-            self.criterion = CrossEntropyAllPixels()
-        self.icarl_importance = opts.icarl_importance
+            self.criterion = make_main_criterion(bce=opts.bce, icarl=opts.icarl, unce=opts.unce,
+                                                 old_cl=self.old_classes)
+        self.icarl_loss = IcarlDistillationLoss(importance=opts.icarl_importance)
+        self.de_loss = EncoderDistillationLoss()
 
         self.lde = opts.loss_de
         self.lde_flag = self.lde > 0 and has_old
@@ -131,10 +109,10 @@ class Trainer:
         zero = main.new_zeros(())
         icarl = zero
         if self.icarl_combined:
-            icarl = self.icarl_importance * icarl_distillation(outputs, outputs_old)
+            icarl = self.icarl_loss(outputs, outputs_old)
         de = zero
         if self.lde_flag:
-            de = F.mse_loss(features["body"].float(), features_old["body"].float())
+            de = self.de_loss(features["body"], features_old["body"])
         kd = zero
         if self.lkd_flag:
             kd = self.lkd_loss(outputs, outputs_old)
