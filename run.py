@@ -46,8 +46,9 @@ def user_error_types():
     """Exceptions that mean "bad input": one line and exit code 1 instead of a traceback."""
     from dataset.errors import DatasetError
     from train import NonFiniteLossError
+    from utils.results import ResultsError
     return (RunError, CheckpointError, argparser.OptionError, tasks.TaskError, DatasetError,
-            NonFiniteLossError)
+            NonFiniteLossError, ResultsError)
 
 
 # --- setup helpers --------------------------------------------------------------------------
@@ -579,8 +580,27 @@ def test_phase(step, path, metrics_cls):
     logger.add_scalar("T_Overall_Acc", results["Overall Acc"], opts.step)
     logger.add_scalar("T_MeanIoU", results["Mean IoU"], opts.step)
     logger.add_scalar("T_MeanAcc", results["Mean Acc"], opts.step)
+    if ctx.is_main:
+        write_results(step, results)
     logger.flush()
     return results
+
+
+def write_results(step, results):
+    """``results/step-<N>.json`` and ``.csv`` in the log dir, plus the per-class IoU bars."""
+    from utils.results import class_iou_figure, write_step_results
+    opts, logger = step.opts, step.logger
+    options = {k: v for k, v in vars(opts).items() if not k.startswith("_")}
+    json_path, csv_path = write_step_results(
+        os.path.join(step.logdir, "results"), task=opts.task, dataset=opts.dataset,
+        step=opts.step, name=opts.name, method=opts.method, seed=opts.random_seed, opts=options,
+        labels_per_step=tasks.get_task_dict(opts.dataset, opts.task, opts.step),
+        results=results)
+    step.results_doc = json_path
+    logger.info(f"Results written to {json_path} and {csv_path}")
+    if logger.writer is not None:
+        from utils.results import load_results
+        logger.add_figure("Test_Class_IoU_Bars", class_iou_figure(load_results(json_path)))
 
 
 def options_for_step(opts, step):

@@ -36,7 +36,7 @@ if __package__ in (None, ""):          # run as a script: make the project impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tasks  # noqa: E402
-from utils.checkpoint import CheckpointError, _atomic_write  # noqa: E402
+from utils.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text  # noqa: E402
 from utils.results import (ResultsError, class_iou_figure, load_results,  # noqa: E402
                            new_figure)
 
@@ -342,7 +342,7 @@ def save_png(fig, path):
     """Render to memory, then write atomically (temporary file + rename)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    _atomic_write(path, lambda f: f.write(buf.getvalue()))
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
@@ -447,10 +447,10 @@ def main(argv=None):
             for note in table.notes:
                 sys.stderr.write(f"note: {note}\n")
             if args.markdown:
-                _atomic_write(args.markdown, lambda f: f.write(markdown.encode("utf-8")))
+                atomic_write_text(args.markdown, markdown)
             if args.csv:
                 text = to_csv(table)
-                _atomic_write(args.csv, lambda f: f.write(text.encode("utf-8")))
+                atomic_write_text(args.csv, text)
             if args.plots:
                 for path in plot_steps(runs, args.plots, args.group_by, args.with_bg):
                     sys.stderr.write(f"plot: {path}\n")

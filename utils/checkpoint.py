@@ -50,8 +50,12 @@ def atomic_torch_save(obj, path):
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def atomic_write_bytes(path, data):
+    _atomic_write(path, lambda f: f.write(data))
+
+
 def atomic_write_text(path, text):
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path, obj):
