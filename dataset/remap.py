@@ -41,7 +41,7 @@ def apply_lut(target, lut):
     Accepts a uint8 tensor (what ToTensor gives), a NumPy array or a PIL image.
     """
     if isinstance(target, torch.Tensor):
-        return torch.from_numpy(lut[target.numpy()])
+        return torch.from_numpy(np.take(lut, target.numpy()))
     if isinstance(target, Image.Image):
-        return Image.fromarray(lut[np.asarray(target, dtype=np.uint8)])
-    return lut[np.asarray(target)]
+        return Image.fromarray(np.take(lut, np.asarray(target, dtype=np.uint8)))
+    return np.take(lut, np.asarray(target))

@@ -180,9 +180,10 @@ def _background(rng, h, w, x, y):
     return img
 
 
-def draw_sample(dataset, classes, size, rng):
-    """(RGB uint8 image, uint8 label mask) showing ``classes`` in drawing order."""
-    long_side, short_side = size, int(round(size * rng.uniform(0.75, 1.0)))
+def draw_sample(dataset, classes, size, rng, short_side=(0.75, 1.0)):
+    """(RGB uint8 image, uint8 label mask) showing ``classes`` in drawing order; the shorter
+    side is a random fraction (in ``short_side``) of the longer one, ``size``."""
+    long_side, short_side = size, int(round(size * rng.uniform(*short_side)))
     w, h = (long_side, short_side) if rng.random() < 0.7 else (short_side, long_side)
     x, y = _grid(h, w)
     img = _background(rng, h, w, x, y)
