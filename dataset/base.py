@@ -2,7 +2,6 @@
 incremental subset of a step (image selection, index cache, transforms, label remapping)."""
 import hashlib
 import logging
-import os
 
 import torch.utils.data as data
 

@@ -9,7 +9,6 @@ workers, persistent workers, and a run resumed after a crash see the same augmen
 """
 import math
 
-import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, random_split
 from torch.utils.data.distributed import DistributedSampler
 
