@@ -1,8 +1,32 @@
 """Errors of the data layer. Each carries one line that says what is wrong and what to do."""
 
 
+def _last_line(text, cls):
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    if not lines:
+        return cls.__name__
+    last = lines[-1]
+    for prefix in (f"{cls.__module__}.{cls.__name__}: ", f"{cls.__name__}: "):
+        if last.startswith(prefix):
+            return last[len(prefix):]
+    return last
+
+
 class DatasetError(RuntimeError):
-    """Base class: the data cannot be used as asked (the entry point prints the message)."""
+    """Base class: the data cannot be used as asked (the entry point prints the message).
+
+    A DataLoader re-raises a worker's exception in the main process with the worker's
+    traceback as the message; such a message is cut back to its last line (the original
+    message) and the full text is kept in ``worker_traceback``.
+    """
+
+    def __init__(self, message="", *args):
+        text = str(message)
+        self.worker_traceback = None
+        if "Original Traceback" in text:
+            self.worker_traceback = text
+            text = _last_line(text, type(self))
+        super().__init__(text, *args)
 
 
 class DatasetLayoutError(DatasetError):
@@ -18,17 +42,5 @@ class IndexListError(DatasetError):
 
 
 def one_line(exc):
-    """The message of ``exc`` as one line.
-
-    An error raised in a DataLoader worker reaches the main process with the worker's
-    traceback as its message; its last line is the original message.
-    """
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    last = lines[-1]
-    prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
-    for p in (prefix, f"{type(exc).__name__}: "):
-        if last.startswith(p):
-            return last[len(p):]
-    return last
+    """The message of any exception as one line (the last line of a worker traceback)."""
+    return _last_line(exc, type(exc))

@@ -114,5 +114,7 @@ def test_corrupt_file_in_a_loader_worker_keeps_type_and_message(voc_root):
     with pytest.raises(DatasetError) as e:
         next(iter(loader))
     assert isinstance(e.value, CorruptFileError)
-    line = one_line(e.value)
-    assert line.startswith("cannot read image") and os.path.basename(bad) in line
+    msg = str(e.value)
+    assert msg.startswith("cannot read image") and os.path.basename(bad) in msg
+    assert "\n" not in msg and one_line(e.value) == msg
+    assert "Original Traceback" in e.value.worker_traceback
