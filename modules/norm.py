@@ -140,7 +140,8 @@ class _SyncBatchStats(torch.autograd.Function):
         table = torch.stack(gathered)
         counts = table[:, -1:]
         total = counts.sum()
-        if total <= 1:
+        # a local count above 1 settles it without a device-to-host copy
+        if count <= 1 and total.item() <= 1:
             raise ValueError("Expected more than 1 value per channel when training, got "
                              f"{int(total)} over all processes (input size {list(x.shape)})")
         means, variances = table[:, :channels], table[:, channels:2 * channels]
@@ -148,14 +149,13 @@ class _SyncBatchStats(torch.autograd.Function):
         g_var = (counts * (variances + (means - g_mean) ** 2)).sum(0) / total
         g_mean, g_var = g_mean.to(xs.dtype), g_var.to(xs.dtype)
         ctx.group = group
-        ctx.total = float(total)
-        ctx.save_for_backward(x, g_mean)
+        ctx.save_for_backward(x, g_mean, total.to(xs.dtype))
         ctx.mark_non_differentiable(total)
         return g_mean, g_var, total
 
     @staticmethod
     def backward(ctx, grad_mean, grad_var, _grad_total):
-        x, mean = ctx.saved_tensors
+        x, mean, total = ctx.saved_tensors
         channels = mean.numel()
         if grad_mean is None:
             grad_mean = torch.zeros_like(mean)
@@ -167,7 +167,7 @@ class _SyncBatchStats(torch.autograd.Function):
         xs = x.to(mean.dtype)
         dx = (_channel_view(g_mean, x.dim())
               + 2 * _channel_view(g_var, x.dim()) * (xs - _channel_view(mean, x.dim())))
-        return (dx / ctx.total).to(x.dtype), None
+        return (dx / total).to(x.dtype), None
 
 
 class InPlaceABNSync(InPlaceABN):
@@ -197,8 +197,8 @@ def _sync_forward(layer, x, group):
         layer.running_var.mul_(1 - m).add_(m * unbiased.to(layer.running_var.dtype))
     w = layer.weight
     a = (torch.where(w < 0, -w, w) + layer.eps) * torch.rsqrt(var + layer.eps)
-    y = (x - _channel_view(mean, x.dim())) * _channel_view(a, x.dim()) \
-        + _channel_view(layer.bias, x.dim())
+    b = layer.bias - mean * a
+    y = torch.addcmul(_channel_view(b, x.dim()), x, _channel_view(a, x.dim()))  # x*a + b
     return _activate(y.to(x.dtype), layer.activation, layer.activation_param)
 
 

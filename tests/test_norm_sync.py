@@ -56,6 +56,10 @@ def _worker(rank, world, folder, impls):
         results[impl] = _train_step(net, x[lo:hi], upstream[lo:hi])
         net.eval()  # eval mode: running statistics, no communication
         results[impl]["eval"] = net(x[lo:hi]).detach()
+    # low precision and channels-last inputs take the same synchronised path
+    layer = norm_act_factory("iabn_sync")(3).train()
+    part = x[lo:hi].bfloat16().contiguous(memory_format=torch.channels_last)
+    results["bf16"] = (layer(part).float(), layer.running_var.clone())
     torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -85,3 +89,10 @@ def test_sync_over_two_gloo_processes_equals_one_process_over_the_whole_batch(tm
             for mine, ref in zip(p["buffers"], whole["buffers"]):
                 torch.testing.assert_close(mine, ref, **tol)
         torch.testing.assert_close(torch.cat([p["eval"] for p in parts]), whole_eval, **tol)
+
+    layer = norm_act_factory("iabn")(3).train()
+    whole_bf16 = layer(x.bfloat16()).float()
+    torch.testing.assert_close(torch.cat([r["bf16"][0] for r in ranks]), whole_bf16,
+                               rtol=0.02, atol=0.02)
+    for r in ranks:
+        torch.testing.assert_close(r["bf16"][1], layer.running_var, rtol=1e-3, atol=1e-3)
