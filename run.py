@@ -45,10 +45,11 @@ class RunError(RuntimeError):
 def user_error_types():
     """Exceptions that mean "bad input": one line and exit code 1 instead of a traceback."""
     from dataset.errors import DatasetError
+    from modules.norm import NormImplError
     from train import NonFiniteLossError
     from utils.results import ResultsError
     return (RunError, CheckpointError, argparser.OptionError, tasks.TaskError, DatasetError,
-            NonFiniteLossError, ResultsError)
+            NonFiniteLossError, ResultsError, NormImplError)
 
 
 # --- setup helpers --------------------------------------------------------------------------
@@ -58,14 +59,8 @@ def resolve_runtime_options(opts, device):
     if opts.amp is None:
         opts.amp = "off" if opts.opt_level == "O0" else \
             ("fp16" if device.type == "cuda" else "bf16")
-    if opts.norm_impl == "auto":
-        opts.norm_impl = "torch"
-        if device.type == "cuda":
-            try:
-                import inplace_abn  # noqa: F401
-                opts.norm_impl = "inplace_abn"
-            except ImportError:
-                pass
+    from modules.norm import resolve_norm_impl
+    opts.norm_impl = resolve_norm_impl(opts.norm_impl, device)
     if opts.channels_last == "auto":
         opts.channels_last = "on" if device.type == "cuda" else "off"
     return opts
@@ -300,9 +295,14 @@ class Step:
 
     def _wrap(self, model):
         if self.ctx.world_size > 1:
+            import inspect
             from torch.nn.parallel import DistributedDataParallel
             ids = [self.device.index] if self.device.type == "cuda" else None
-            return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+            # no buffer broadcast in forward, as the original's apex DDP (the name changed)
+            no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in
+                       inspect.signature(DistributedDataParallel).parameters
+                       else "broadcast_buffers")
+            return DistributedDataParallel(model, device_ids=ids, **{no_sync: False})
         return model
 
     def _load_previous_step(self, ckpt):
@@ -619,9 +619,9 @@ def main(argv=None):
     except argparser.OptionError as e:
         argparser.main_error(str(e))
     ctx = distributed.setup(opts.device, opts.local_rank)
-    resolve_runtime_options(opts, ctx.device)
     errors = user_error_types()
     try:
+        resolve_runtime_options(opts, ctx.device)
         for s in opts.steps:
             run_step(options_for_step(opts, s), ctx)
     except errors as e:

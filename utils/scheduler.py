@@ -11,7 +11,8 @@ class PolyLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self):
-        factor = (1 - self.last_epoch / self.max_iters) ** self.power
+        # clamped at 0: past max_iters the original's formula turns complex
+        factor = max(0.0, 1 - self.last_epoch / self.max_iters) ** self.power
         return [base_lr * factor for base_lr in self.base_lrs]
 
 
