@@ -146,7 +146,8 @@ class Trainer:
             main, kd, de, icarl = self._losses(outputs, features, outputs_old, features_old,
                                                labels)
             total = main + self.lkd * kd + self.lde * de + icarl
-            if self.skip_nonfinite and not bool(torch.isfinite(total)):
+            if self.skip_nonfinite and distributed.any_process(not bool(torch.isfinite(total)),
+                                                               device):
                 self._skip_batch(optim, scheduler, cur_epoch, cur_step, main, kd, de, icarl,
                                  logger)
                 bar.update(1)
@@ -217,11 +218,15 @@ class Trainer:
                 p.grad.add_(g)
 
     def _check_finite(self, flags, epoch, step, main, kd, de, icarl, l_reg):
+        """Checked every print interval (one host sync), on every process together."""
         if not flags:
             return
         ok = torch.stack(flags)
-        if bool(ok.all()):
+        if not distributed.any_process(not bool(ok.all()), self.device):
             return
+        if bool(ok.all()):
+            raise NonFiniteLossError(f"the training loss is not finite on another process at "
+                                     f"epoch {epoch}, around iteration {step}")
         first = step - len(flags) + 1 + int((~ok).nonzero()[0, 0])
         parts = self._parts_text(main, kd, de, icarl, l_reg)
         raise NonFiniteLossError(
