@@ -207,6 +207,9 @@ class Step:
                 raise RunError(f"previous-step checkpoint {self.prev_path} does not exist; "
                                f"{how} (all steps of a task need the same --name and "
                                "--checkpoint_dir)")
+        if opts.step == 0 and not opts.no_pretrained:
+            from segmentation_module import pretrained_path, require_pretrained
+            require_pretrained(pretrained_path(opts.backbone, opts.norm_act, opts.pretrained_dir))
         for folder in (opts.checkpoint_dir, self.logdir):
             _check_writable(folder)
         if opts.ckpt is not None:
@@ -474,17 +477,24 @@ def run_step(opts, ctx):
 def train_epochs(step, trainer, start_epoch, best_score, val_results, sample_ids):
     """The epoch loop of §12.2: train, validate every --val_interval epochs, checkpoint."""
     from metrics import StreamSegMetrics
+    from train import NonFiniteLossError
     opts, ctx, logger = step.opts, step.ctx, step.logger
     model = step.train_model
     val_metrics = StreamSegMetrics(step.n_classes)
+    last_saved = start_epoch - 1 if start_epoch > 0 else None
     for epoch in range(start_epoch, opts.epochs):
         model.train()
         logger.info(f"=====> Epoch {epoch}, lr = {step.optimizer.param_groups[0]['lr']:.6f}")
         step.train_loader.sampler.set_epoch(epoch)
         start = time.time()
-        epoch_loss = trainer.train(epoch, step.optimizer, step.train_loader,
-                                   scheduler=step.scheduler, print_int=opts.print_interval,
-                                   logger=logger)
+        try:
+            epoch_loss = trainer.train(epoch, step.optimizer, step.train_loader,
+                                       scheduler=step.scheduler, print_int=opts.print_interval,
+                                       logger=logger)
+        except NonFiniteLossError as e:
+            last = (f"last good checkpoint: {step.ckpt_path} (after epoch {last_saved})"
+                    if last_saved is not None else "no checkpoint of this step was written yet")
+            raise NonFiniteLossError(f"{e}; {last}") from e
         logger.info(f"End of Epoch {epoch}/{opts.epochs}, Average Loss={sum(epoch_loss)}, "
                     f"Class Loss={epoch_loss[0]}, Reg Loss={epoch_loss[1]} "
                     f"({time.time() - start:.1f} s)")
@@ -509,10 +519,12 @@ def train_epochs(step, trainer, start_epoch, best_score, val_results, sample_ids
             save = True
         if (epoch + 1) % opts.ckpt_interval == 0:
             save = True
-        if save and ctx.is_main:
-            atomic_torch_save(step.checkpoint(epoch, score, trainer, val_results),
-                              step.ckpt_path)
-            logger.info(f"[!] Checkpoint saved: {step.ckpt_path}")
+        if save:
+            if ctx.is_main:
+                atomic_torch_save(step.checkpoint(epoch, score, trainer, val_results),
+                                  step.ckpt_path)
+                logger.info(f"[!] Checkpoint saved: {step.ckpt_path}")
+            last_saved = epoch
     if ctx.is_main:
         atomic_torch_save(step.checkpoint(opts.epochs, best_score, trainer, val_results),
                           step.ckpt_path)

@@ -152,15 +152,20 @@ def pretrained_path(backbone, norm_act, pretrained_dir="pretrained"):
     return os.path.join(pretrained_dir, f"{backbone}_{norm_act}.pth.tar")
 
 
-def load_imagenet_weights(body, path):
-    """Load an In-Place ABN ImageNet checkpoint (entry ``state_dict``, keys with or without
-    ``module.``) into ``body``, strictly, without the ImageNet classifier."""
+def require_pretrained(path):
+    """Stop early, with what to do, when the ImageNet weights file is missing."""
     if not os.path.isfile(path):
         raise PretrainedWeightsNotFound(
             f"ImageNet weights not found: {path}. Download the In-Place ABN ImageNet "
             "checkpoint (In-Place ABN project releases; see the README, 'Pretrained weights') "
             "and save it under that name, or pass --no_pretrained to start from random "
             "weights")
+
+
+def load_imagenet_weights(body, path):
+    """Load an In-Place ABN ImageNet checkpoint (entry ``state_dict``, keys with or without
+    ``module.``) into ``body``, strictly, without the ImageNet classifier."""
+    require_pretrained(path)
     checkpoint = load_trusted(path, what="ImageNet weights")
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):

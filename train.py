@@ -244,7 +244,7 @@ class Trainer:
 
     def _parts_text(self, main, kd, de, icarl, l_reg):
         def f(v):
-            return float(v) if torch.is_tensor(v) else v
+            return float(v.detach()) if torch.is_tensor(v) else v
         return (f"main {f(main):.4g}, kd {f(kd):.4g}, de {f(de):.4g}, icarl {f(icarl):.4g}, "
                 f"reg {f(l_reg):.4g}")
 

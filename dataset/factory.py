@@ -35,7 +35,8 @@ def get_dataset(opts, step=None, rank=0):
     labels_cum = labels_old + labels
     folder = index_folder(opts)
     dataset = DATASETS[opts.dataset]
-    common = dict(root=opts.data_root, num_workers=opts.num_workers, progress=rank == 0,
+    common = dict(root=opts.data_root, num_workers=opts.num_workers,
+                  progress=rank == 0 and not getattr(opts, "no_progress", False),
                   save_index=rank == 0)
     eval_transform = val_transform(opts.crop_size, opts.crop_val)
 

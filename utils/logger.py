@@ -19,6 +19,10 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+# Loggers of the project's packages (index lists, data scans, ...) go to the same place.
+PROJECT_LOGGERS = ("dataset", "modules", "metrics", "utils", "segmentation_module", "train")
+
+
 class Logger:
     def __init__(self, logdir, rank, debug=False, summary=True, step=None, log_file=True):
         self.logdir = logdir
@@ -45,6 +49,16 @@ class Logger:
             if summary:
                 from tensorboardX import SummaryWriter
                 self.writer = SummaryWriter(logdir)
+        # rank 0 shows the packages' messages with ours; other ranks stay quiet
+        handlers = self._log.handlers if self.is_main else [logging.NullHandler()]
+        self._routed = []
+        for name in PROJECT_LOGGERS:
+            routed = logging.getLogger(name)
+            routed.setLevel(self._log.level)
+            routed.propagate = False
+            for h in handlers:
+                routed.addHandler(h)
+                self._routed.append((routed, h))
 
     # --- text -----------------------------------------------------------------------------
     def info(self, msg):
@@ -106,6 +120,9 @@ class Logger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        for routed, h in self._routed:
+            routed.removeHandler(h)
+        self._routed = []
         for h in list(self._log.handlers):
             h.close()
             self._log.removeHandler(h)

@@ -1,0 +1,200 @@
+"""Every wrong input of the command line or on disk gives one clear line on stderr, exit
+code 1, no traceback (unless --debug), and leaves the files already there untouched."""
+import hashlib
+import shutil
+
+import pytest
+import torch
+
+import run
+from conftest import run_entry
+
+TINY = ["--backbone", "resnet18", "--no_pretrained", "--crop_size", "32", "--batch_size", "4",
+        "--epochs", "1", "--lr", "0.01", "--num_workers", "0", "--no_progress"]
+
+
+def voc(data_root, *extra):
+    return ["--data_root", str(data_root), "--dataset", "voc", "--task", "15-5", *TINY, *extra]
+
+
+def snapshot(root):
+    """Digest of every file that matters (checkpoints, results, manifests, index lists,
+    data); text logs may only grow."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.name.startswith("events.") and p.name != "log.txt":
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def fails_with(argv, message, capsys, root):
+    before = snapshot(root)
+    with pytest.raises(SystemExit) as e:
+        run.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert e.value.code == 1, err[-2000:]
+    assert len(errors) == 1 and message in errors[0], err[-2000:]
+    assert "Traceback" not in err
+    after = snapshot(root)
+    assert {k: v for k, v in after.items() if k in before} == before
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synthetic_voc):
+    """A working directory with step 0 of 15-5 (name A) trained, and its own data copy."""
+    root = tmp_path_factory.mktemp("trained")
+    shutil.copytree(synthetic_voc, root / "data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        run.main(voc("data", "--name", "A", "--step", "0"))
+    return root
+
+
+@pytest.fixture
+def in_trained(trained, monkeypatch):
+    monkeypatch.chdir(trained)
+    return trained
+
+
+def test_data_root_missing(in_trained, capsys):
+    fails_with(voc("nowhere", "--name", "A", "--step", "0", "--resume", "never"),
+               "data root nowhere does not exist; get the data with data/download_voc.sh",
+               capsys, in_trained)
+
+
+def test_data_root_with_the_wrong_layout(in_trained, capsys, tmp_path):
+    (tmp_path / "ADEChallengeData2016").mkdir()
+    fails_with(voc(tmp_path, "--name", "B", "--step", "0"), "PascalVOC12", capsys, in_trained)
+
+
+def test_split_file_naming_a_missing_image(in_trained, capsys, tmp_path):
+    shutil.copytree(in_trained / "data", tmp_path / "d")
+    victim = sorted((tmp_path / "d/PascalVOC12/JPEGImages").iterdir())[5]
+    victim.unlink()
+    fails_with(voc(tmp_path / "d", "--name", "B", "--step", "0", "--index_dir",
+                   tmp_path / "idx"), victim.name, capsys, in_trained)
+
+
+@pytest.mark.slow
+def test_corrupt_image_in_the_middle_of_an_epoch_names_the_file(in_trained, capsys, tmp_path):
+    shutil.copytree(in_trained / "data", tmp_path / "d")
+    for jpg in sorted((tmp_path / "d/PascalVOC12/JPEGImages").iterdir())[20:]:
+        jpg.write_bytes(b"this is not a JPEG")
+    line = fails_with(voc(tmp_path / "d", "--name", "A", "--step", "1", "--index_dir",
+                          tmp_path / "idx", "--num_workers", "1"),
+                      "JPEGImages", capsys, in_trained)
+    assert ".jpg" in line
+
+
+def test_step_beyond_the_task(in_trained, capsys):
+    fails_with(voc("data", "--name", "A", "--step", "2"),
+               "step 2 does not exist in task '15-5' of 'voc'; valid steps: 0..1",
+               capsys, in_trained)
+
+
+def test_previous_step_checkpoint_missing_names_path_and_command(in_trained, capsys):
+    line = fails_with(voc("data", "--name", "Z", "--step", "1"),
+                      "previous-step checkpoint checkpoints/step/15-5-voc_Z_0.pth does not "
+                      "exist", capsys, in_trained)
+    assert "--step 0" in line
+
+
+def _checkpoint_variant(in_trained, name, **changes):
+    ckpt = torch.load(in_trained / "checkpoints/step/15-5-voc_A_0.pth", weights_only=False)
+    ckpt["meta"].update(changes.pop("meta", {}))
+    for k, v in changes.items():
+        ckpt[k] = v
+    path = in_trained / name
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"meta": {"task": "19-1"}}, "was made with --task 19-1, this run uses --task 15-5"),
+    ({"meta": {"dataset": "ade"}}, "was made with --dataset ade"),
+    ({"meta": {"backbone": "resnet50"}}, "was made with --backbone resnet50"),
+])
+def test_checkpoint_of_another_run(in_trained, capsys, change, message):
+    path = _checkpoint_variant(in_trained, "other.pth", **change)
+    fails_with(voc("data", "--name", "A", "--step", "1", "--step_ckpt", path), message,
+               capsys, in_trained)
+
+
+def test_checkpoint_with_another_number_of_classes(in_trained, capsys):
+    ckpt = torch.load(in_trained / "checkpoints/step/15-5-voc_A_0.pth", weights_only=False)
+    # an original-format file (no record of ours) of a 19-1 step 0: 20 classes
+    state = dict(ckpt["model_state"])
+    state["module.cls.0.weight"] = torch.zeros(20, 256, 1, 1)
+    state["module.cls.0.bias"] = torch.zeros(20)
+    original = {k: ckpt[k] for k in ("epoch", "optimizer_state", "scheduler_state",
+                                     "best_score", "trainer_state")}
+    original["model_state"] = state
+    torch.save(original, in_trained / "19-1.pth")
+    fails_with(voc("data", "--name", "A", "--step", "1", "--step_ckpt", "19-1.pth"),
+               "has classifiers for classes per step [20], but step 0 of 15-5-voc needs [16]",
+               capsys, in_trained)
+
+
+def test_checkpoint_of_another_backbone_without_a_record(in_trained, capsys):
+    ckpt = torch.load(in_trained / "checkpoints/step/15-5-voc_A_0.pth", weights_only=False)
+    ckpt.pop("meta")
+    torch.save(ckpt, in_trained / "r18.pth")
+    fails_with(voc("data", "--name", "A", "--step", "1", "--step_ckpt", "r18.pth",
+                   "--backbone", "resnet34"), "does not fit the model", capsys, in_trained)
+
+
+def test_test_without_a_trained_checkpoint(in_trained, capsys):
+    fails_with(voc("data", "--name", "A", "--step", "1", "--test"),
+               "--test: no trained checkpoint for step 1 at checkpoints/step/15-5-voc_A_1.pth",
+               capsys, in_trained)
+
+
+def test_ckpt_that_does_not_exist(in_trained, capsys):
+    fails_with(voc("data", "--name", "A", "--step", "0", "--ckpt", "missing.pth"),
+               "--ckpt missing.pth does not exist", capsys, in_trained)
+
+
+def test_imagenet_weights_missing(in_trained, capsys):
+    argv = [a for a in voc("data", "--name", "W", "--step", "0") if a != "--no_pretrained"]
+    line = fails_with(argv, "ImageNet weights not found: pretrained/resnet18_iabn_sync.pth.tar",
+                      capsys, in_trained)
+    assert "--no_pretrained" in line
+
+
+@pytest.mark.parametrize("option", ["--checkpoint_dir", "--logdir"])
+def test_folder_that_cannot_be_written(in_trained, capsys, option):
+    (in_trained / "a_file").write_text("x")
+    fails_with(voc("data", "--name", "A", "--step", "0", "--resume", "never", option,
+                   "a_file/sub"), "cannot create a_file/sub", capsys, in_trained)
+
+
+def test_unfinished_run_with_other_options_is_not_resumed(in_trained, capsys):
+    ckpt = torch.load(in_trained / "checkpoints/step/15-5-voc_A_0.pth", weights_only=False)
+    ckpt["epoch"] = 0
+    ckpt["meta"]["fingerprint"]["lr"] = 0.02
+    ckpt["meta"]["fingerprint"]["step"] = 1
+    ckpt["meta"]["classes"] = [16, 5]
+    (in_trained / "checkpoints/step/15-5-voc_U_1.pth").parent.mkdir(exist_ok=True)
+    shutil.copy(in_trained / "checkpoints/step/15-5-voc_A_0.pth",
+                in_trained / "checkpoints/step/15-5-voc_U_0.pth")
+    torch.save(ckpt, in_trained / "checkpoints/step/15-5-voc_U_1.pth")
+    fails_with(voc("data", "--name", "U", "--step", "1"),
+               "is an unfinished run with other options (lr: 0.02 -> 0.01", capsys, in_trained)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--method", "MiBB"], "unknown method 'MiBB' (did you mean MiB?)"),
+    (["--lr_polcy", "poly"], "did you mean --lr_policy?"),
+])
+def test_unknown_method_or_option_names_the_nearest(in_trained, capsys, argv, message):
+    fails_with(voc("data", "--step", "0", *argv), message, capsys, in_trained)
+
+
+def test_as_a_user_sees_it_one_line_no_traceback_and_debug_shows_it(in_trained):
+    out = run_entry(voc("data", "--name", "A", "--step", "1", "--test"), in_trained)
+    assert out.returncode == 1
+    assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error: --test")
+    out = run_entry(voc("data", "--name", "A", "--step", "1", "--test", "--debug"), in_trained)
+    assert out.returncode == 1 and "Traceback" in out.stderr
