@@ -322,8 +322,7 @@ class Trainer:
 
 
 def _bare(model):
-    """The module inside a DDP (or torch.compile) wrapper."""
-    if model is None:
-        return None
-    model = getattr(model, "module", model)
+    """The network inside DDP / compile wrappers."""
+    while model is not None and hasattr(model, "module"):
+        model = model.module
     return getattr(model, "_orig_mod", model)

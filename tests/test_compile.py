@@ -1,0 +1,38 @@
+"""--compile: torch.compile when it works, the eager module when compiling fails."""
+import pytest
+import torch
+import torch.nn as nn
+
+from utils import compile as compile_mod
+
+
+def test_failing_compile_falls_back_to_eager_and_stays_there(monkeypatch):
+    calls = {"compiled": 0}
+
+    def broken_compile(module):
+        def run(*a, **k):
+            calls["compiled"] += 1
+            raise RuntimeError("backend compiler failed\nlong details")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    net = nn.Linear(3, 2)
+    wrapped = compile_mod.maybe_compile(net, True)
+    x = torch.randn(4, 3)
+    assert torch.equal(wrapped(x), net(x)) and wrapped.failed
+    wrapped(x)
+    assert calls["compiled"] == 1  # not retried
+    # the wrapper adds no parameters of its own and keeps the module's state dict names
+    assert list(wrapped.state_dict()) == ["module.weight", "module.bias"]
+    assert compile_mod.maybe_compile(net, False) is net
+
+
+@pytest.mark.slow
+def test_real_compile_gives_the_eager_result():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    wrapped = compile_mod.maybe_compile(net, True)
+    x = torch.randn(2, 3, 8, 8)
+    out = wrapped(x)
+    assert not wrapped.failed
+    torch.testing.assert_close(out, net(x), rtol=1e-5, atol=1e-5)
