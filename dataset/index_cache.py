@@ -8,12 +8,14 @@ matches its record, was put there by the user (e.g. copied from the original pro
 ``data/`` folder): it is used as given, with a log line, and never overwritten.
 """
 import hashlib
+import io
 import json
 import logging
 import os
-import tempfile
 
 import numpy as np
+
+from utils.checkpoint import atomic_write_bytes, atomic_write_text
 
 from .errors import IndexListError
 
@@ -30,21 +32,6 @@ def list_digest(indices):
 
 def record_path(idxs_path):
     return idxs_path + RECORD_SUFFIX
-
-
-def _atomic_write(path, write):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_list(idxs_path):
@@ -74,10 +61,11 @@ def save_list(idxs_path, indices, source):
     digests differ and uses the list as given, which is then the right list anyway.
     """
     array = np.asarray(indices, dtype=np.int64)
-    _atomic_write(idxs_path, lambda f: np.save(f, array))
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    atomic_write_bytes(idxs_path, buffer.getvalue())
     record = {"format": RECORD_FORMAT, "list_sha1": list_digest(array), "source": source}
-    _atomic_write(record_path(idxs_path),
-                  lambda f: f.write((json.dumps(record, sort_keys=True) + "\n").encode()))
+    atomic_write_text(record_path(idxs_path), json.dumps(record, sort_keys=True) + "\n")
 
 
 def _differences(old, new):

@@ -24,13 +24,13 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
 from PIL import Image
 
 import tasks
+from utils.checkpoint import atomic_write_text
 
 from .errors import DatasetError
 
@@ -216,13 +216,6 @@ def draw_sample(dataset, classes, size, rng, short_side=(0.75, 1.0)):
 
 # --- writing the trees -----------------------------------------------------------------------
 
-def _atomic_text(path, text):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _prepare(dataset_root):
     """Start from an empty dataset folder; never touch one this generator did not write."""
     if os.path.exists(dataset_root):
@@ -249,7 +242,7 @@ def write_voc_tree(data_root, train, val):
             m.putpalette(palette)
             m.save(os.path.join(voc, "SegmentationClassAug", name + ".png"))
             lines.append(f"/JPEGImages/{name}.jpg /SegmentationClassAug/{name}.png\n")
-        _atomic_text(os.path.join(voc, "splits", list_name), "".join(lines))
+        atomic_write_text(os.path.join(voc, "splits", list_name), "".join(lines))
     return voc
 
 
@@ -292,7 +285,7 @@ def generate(dataset, data_root, n_train, n_val, size=128, seed=0):
     else:
         write_ade_tree(data_root, _samples("ade", train_plans, "ADE_train", 0, size, seed, 8),
                        _samples("ade", val_plans, "ADE_val", 1, size, seed, 8))
-    _atomic_text(os.path.join(dataset_root, MARKER), json.dumps(
+    atomic_write_text(os.path.join(dataset_root, MARKER), json.dumps(
         {"dataset": dataset, "n_train": n_train, "n_val": n_val, "size": size, "seed": seed}))
     return dataset_root
 
