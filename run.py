@@ -448,7 +448,7 @@ def run_step(opts, ctx):
                               logger=logger)
             if step.prev_trainer_state is None and opts.step > 0 and opts.regularizer:
                 logger.warning("the previous step saved no regulariser state: no penalty at "
-                               f"this step (run step 0 with the same --method)")
+                               "this step (run step 0 with the same --method)")
             start_epoch, best_score, val_results = 0, 0.0, None
             if resume_ckpt is not None:
                 start_epoch, best_score, val_results = step.resume_from(
