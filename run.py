@@ -357,7 +357,7 @@ class Step:
                              "val_results": val_results},
         }
 
-    def resume_from(self, ckpt, path, trainer, exact):
+    def resume_from(self, ckpt, path, trainer):
         """Continue a step from its checkpoint: strict model load, optimiser, scheduler,
         epoch; the trainer state as the original does it, or exactly when ours is there."""
         check_checkpoint_fits(ckpt, path, self.opts, self.classes, "checkpoint")
@@ -365,7 +365,7 @@ class Step:
         self.optimizer.load_state_dict(ckpt["optimizer_state"])
         self.scheduler.load_state_dict(ckpt["scheduler_state"])
         resume = ckpt.get("resume_state")
-        if exact and resume is not None:
+        if resume is not None:
             trainer.load_full_state(resume["trainer"])
             restore_rng_states(resume["rng"])
         else:
@@ -446,22 +446,25 @@ def run_step(opts, ctx):
             trainer = Trainer(step.train_model, step.model_old, step.device, opts,
                               trainer_state=step.prev_trainer_state, classes=step.classes,
                               logger=logger)
-            if step.prev_trainer_state is None and opts.step > 0 and opts.regularizer:
+            if opts.step > 0 and opts.regularizer and \
+                    (step.prev_trainer_state or {}).get("regularizer") is None:
                 logger.warning("the previous step saved no regulariser state: no penalty at "
                                "this step (run step 0 with the same --method)")
             start_epoch, best_score, val_results = 0, 0.0, None
             if resume_ckpt is not None:
                 start_epoch, best_score, val_results = step.resume_from(
-                    resume_ckpt, resume_path, trainer, exact=(plan == "auto" or
-                                                              resume_ckpt.get("meta") is not None))
+                    resume_ckpt, resume_path, trainer)
                 resume_ckpt = None
             if ctx.is_main:
                 logger.add_table("Opts", {k: v for k, v in vars(opts).items()
                                           if not k.startswith("_")})
             sample_ids = []
             if opts.sample_num > 0 and ctx.is_main:
-                sample_ids = np.random.choice(len(step.val_loader), opts.sample_num,
-                                              replace=False)
+                n_samples = min(opts.sample_num, len(step.val_loader))
+                if n_samples < opts.sample_num:
+                    logger.warning(f"--sample_num {opts.sample_num} is more than the "
+                                   f"{n_samples} validation batches; logging {n_samples}")
+                sample_ids = np.random.choice(len(step.val_loader), n_samples, replace=False)
             logger.debug(f"Random tensor: {torch.randint(0, 100, (1, 1))}")
             val_results = train_epochs(step, trainer, start_epoch, best_score, val_results,
                                        sample_ids)

@@ -258,7 +258,8 @@ class Trainer:
         class_loss = torch.zeros((), device=device)
         reg_loss = torch.zeros((), device=device)
         ret_samples = []
-        ret_samples_ids = set(ret_samples_ids or [])
+        ret_samples_ids = set() if ret_samples_ids is None else \
+            {int(i) for i in ret_samples_ids}
         model.eval()
         bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
                    disable=not (self.progress and self.rank == 0))

@@ -46,7 +46,7 @@ def free_port():
 def test_voc_step0_then_step1_as_the_original_lays_out_files(synthetic_voc, workdir):
     for step in (0, 1):
         out = run_entry(voc_args(synthetic_voc, "--name", "FT", "--step", step,
-                                 "--print_interval", 2), workdir)
+                                 "--print_interval", 2, "--sample_num", 2), workdir)
         assert out.returncode == 0, out.stderr[-3000:]
     ckpt = torch.load(workdir / "checkpoints/step/15-5-voc_FT_1.pth", weights_only=False)
     assert ORIGINAL_CHECKPOINT_KEYS <= set(ckpt)
@@ -63,7 +63,8 @@ def test_voc_step0_then_step1_as_the_original_lays_out_files(synthetic_voc, work
     found = tags(logdir)
     for tag in ("Loss/0", "E-Loss/0", "Val_MeanIoU/0", "T_MeanIoU/0", "E-Loss/1", "V-Loss/1",
                 "Val_Overall_Acc/1", "T_MeanIoU/1", "T_Overall_Acc/1", "Opts/1", "Results/1",
-                "Test_Class_IoU/1"):
+                "Test_Class_IoU/1", "Sample_0/0", "Sample_1/1", "Test_Confusion_Matrix/1",
+                "Test_Class_IoU_Bars/1"):
         assert tag in found, tag
     # the test scalar sits at x = step and equals the result file
     r1 = results(workdir, "15-5-voc", "FT", 1)
