@@ -5,34 +5,36 @@ backward, SGD step), per norm implementation and precision.
     python bench/bench_model.py --size 128 --backbone resnet50 --iters 1 --warmup 0
 
 Each (implementation, precision) runs in a fresh process, so the peak memory is its own:
-peak resident memory of the process on the CPU, peak allocated tensor memory on CUDA.
+on the CPU how far the process's peak resident memory grew after the imports, on CUDA the
+peak allocated tensor memory.
 Precisions: fp32, bf16 (autocast) and, on CUDA, fp16 (autocast + GradScaler).
 Implementations: ``torch`` (pure PyTorch norms) and ``inplace_abn`` (the compiled package,
 where installed). Prints figures only; nothing here is a pass/fail check.
+``bench/run_all.py`` uses :func:`measure_iteration` for its training rows, the batch-size
+search on GPUs and the plain-PyTorch comparison (``arch='plain'``).
 
 On a CPU without native bf16 (no AVX512-BF16 / AMX) bf16 autocast is emulated and about ten
 times slower than fp32; use ``--precisions fp32`` or a small ``--size`` there. On a busy
 machine ``--threads 1`` avoids OpenMP oversubscription, which can cost a factor of ten.
 """
 import argparse
-import json
 import os
-import resource
-import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for _path in (ROOT, os.path.join(ROOT, "bench")):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 import torch  # noqa: E402
 
+import common  # noqa: E402
+from common import DTYPES  # noqa: E402,F401  (kept importable from here)
 from modules.norm import inplace_abn_available  # noqa: E402
 from segmentation_module import make_model  # noqa: E402
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+ARCHS = ("ours", "plain")
 
 
 def get_parser():
@@ -53,95 +55,148 @@ def get_parser():
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations first (default 1)")
     p.add_argument("--channels_last", action="store_true", help="channels-last memory format")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--one", nargs=2, metavar=("IMPL", "PRECISION"), help=argparse.SUPPRESS)
     return p
 
 
-def _peak_rss_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def build_network(arch, backbone, output_stride, norm_act="iabn_sync", impl="torch",
+                  classes=21):
+    """Our network (``make_model``, one step of ``classes``) or the plain-PyTorch build of
+    the same architecture (``bench/plain_deeplab.py``)."""
+    if arch == "plain":
+        from plain_deeplab import PlainDeepLabV3
+        return PlainDeepLabV3(backbone, output_stride, classes)
+    if arch != "ours":
+        raise common.BenchError(f"unknown network '{arch}'; expected one of {', '.join(ARCHS)}")
+    opts = SimpleNamespace(backbone=backbone, output_stride=output_stride, norm_act=norm_act,
+                           norm_impl=impl, no_pretrained=True, pooling=32)
+    return make_model(opts, [classes])
 
 
-def measure(args, impl, precision):
-    """One configuration in this process: seconds per iteration and peak memory (MiB)."""
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def logits_of(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def iteration_flops(arch="ours", backbone="resnet101", output_stride=16, classes=21, size=512,
+                    batch=2):
+    """FLOPs of one training iteration's forward and backward, counted on the meta device
+    (norm layers in pure PyTorch: the count is that of the convolutions and matmuls; it
+    grows linearly with ``batch``, which must be 2 or more in training mode)."""
+    with torch.device("meta"):
+        model = build_network(arch, backbone, output_stride, classes=classes).train()
+        images = torch.empty(batch, 3, size, size)
+        labels = torch.zeros(batch, size, size, dtype=torch.long)
+
+    def one():
+        logits = logits_of(model(images))
+        torch.nn.functional.cross_entropy(logits.float(), labels).backward()
+    return common.count_flops(one)
+
+
+def measure_iteration(*, arch="ours", backbone="resnet101", output_stride=16,
+                      norm_act="iabn_sync", impl="torch", classes=21, precision="fp32",
+                      size=512, batches=(2,), channels_last=False, device="cpu", warmup=1,
+                      iters=1, threads=None):
+    """Seconds per training iteration and peak memory, in this process.
+
+    ``batches`` is tried largest first; a batch that runs out of memory in the warm-up is
+    skipped (``oom_batches``), so on a GPU the result is the largest batch that fits."""
+    device = torch.device(device)
+    common.set_threads(threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels
     torch.manual_seed(0)
-    opts = SimpleNamespace(backbone=args.backbone, output_stride=args.output_stride,
-                           norm_act=args.norm_act, norm_impl=impl, no_pretrained=True,
-                           pooling=32)
-    model = make_model(opts, [args.classes]).to(device).train()
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    baseline = common.memory_baseline(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_network(arch, backbone, output_stride, norm_act, impl, classes)
+    model = model.to(device, memory_format=memory_format).train()
+    # run.make_optimizer's update rule; fused on CUDA as there
+    fused = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
-                                weight_decay=1e-4)
+                                weight_decay=1e-4, **fused)
     dtype = DTYPES[precision]
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    images = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    images = images.contiguous(memory_format=memory_format)
-    labels = torch.randint(0, args.classes, (args.batch, args.size, args.size), device=device)
 
-    def step():
+    def step(images, labels):
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits, _ = model(images)
+            logits = logits_of(model(images))
             loss = torch.nn.functional.cross_entropy(logits.float(), labels)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def inputs(batch):
+        images = torch.randn(batch, 3, size, size, device=device)
+        labels = torch.randint(0, classes, (batch, size, size), device=device)
+        return images.contiguous(memory_format=memory_format), labels
 
-    for _ in range(args.warmup):
-        step()
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.iters):
-        step()
-    sync()
-    seconds = (time.perf_counter() - start) / max(args.iters, 1)
-    peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda"
-            else _peak_rss_mib())
-    return {"impl": impl, "precision": precision, "seconds": seconds, "peak_mib": peak}
+    oom, chosen, data = [], None, None
+    for batch in sorted(set(batches), reverse=True):
+        failed = False
+        try:
+            data = inputs(batch)
+            # one iteration at least, so that a batch that does not fit fails here
+            for _ in range(max(warmup, 1 if len(batches) > 1 else 0)):
+                step(*data)
+            common.sync(device)
+            chosen = batch
+        except RuntimeError as e:
+            if not common.is_oom(e):
+                raise
+            failed = True
+        if failed:  # outside the except block: the traceback no longer holds tensors
+            oom.append(batch)
+            data = None
+            optimizer.zero_grad(set_to_none=True)
+            common.free_memory(device)
+            continue
+        break
+    if chosen is None:
+        raise torch.OutOfMemoryError(f"out of memory at every batch size tried "
+                                     f"({', '.join(map(str, oom))})")
+    common.reset_peak_memory(device)
+    seconds = common.seconds_per_call(lambda: step(*data), device, 0, iters)
+    return {"arch": arch, "impl": impl, "precision": precision, "channels_last": channels_last,
+            "size": size, "batch": chosen, "oom_batches": oom, "seconds": seconds,
+            "images_per_s": chosen / seconds, "peak_mib": common.peak_memory_mib(device, baseline)}
+
+
+def measure(args, impl, precision):
+    """One configuration of the command line, in this process."""
+    return measure_iteration(backbone=args.backbone, output_stride=args.output_stride,
+                             norm_act=args.norm_act, impl=impl, classes=args.classes,
+                             precision=precision, size=args.size, batches=(args.batch,),
+                             channels_last=args.channels_last,
+                             device=common.resolve_device(args.device), warmup=args.warmup,
+                             iters=args.iters, threads=args.threads)
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.one:
-        print(json.dumps(measure(args, *args.one)))
-        return 0
-
-    on_cuda = args.device == "cuda"
+    device = common.resolve_device(args.device)
+    on_cuda = device.type == "cuda"
     precisions = (args.precisions.split(",") if args.precisions
                   else ["fp32", "bf16"] + (["fp16"] if on_cuda else []))
     impls = (args.impls.split(",") if args.impls
              else ["torch"] + (["inplace_abn"] if inplace_abn_available() else []))
-    device_name = torch.cuda.get_device_name() if on_cuda else \
-        f"CPU ({args.threads or torch.get_num_threads()} threads)"
-    memory_kind = "peak allocated" if on_cuda else "peak process RSS"
+    threads = f" ({args.threads or torch.get_num_threads()} threads)" if not on_cuda else ""
     print(f"one training iteration: {args.backbone} OS{args.output_stride}, {args.norm_act}, "
           f"batch {args.batch}, {args.size}x{args.size}, {args.classes} classes, "
-          f"{'channels-last, ' if args.channels_last else ''}{device_name}; "
-          f"{args.warmup} warm-up + {args.iters} timed iteration(s)")
-    print(f"{'norms':<12}{'precision':<11}{'s/iter':>9}{memory_kind + ' (MiB)':>28}")
-    child_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
+          f"{'channels-last, ' if args.channels_last else ''}{common.device_name(device)}"
+          f"{threads}; {args.warmup} warm-up + {args.iters} timed iteration(s)")
+    print(f"memory: {common.MEMORY_KIND[device.type]}")
+    rows = []
     for impl in impls:
         for precision in precisions:
-            cmd = [sys.executable, os.path.abspath(__file__), *child_argv,
-                   "--device", args.device, "--one", impl, precision]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                lines = (done.stderr.strip() or done.stdout.strip() or "failed").splitlines()
-                print(f"{impl:<12}{precision:<11}  failed: {lines[-1]}")
-                continue
-            r = json.loads(done.stdout.strip().splitlines()[-1])
-            print(f"{impl:<12}{precision:<11}{r['seconds']:>9.3f}{r['peak_mib']:>28.0f}")
+            row = {"impl": impl, "precision": precision}
+            try:
+                row.update(common.run_isolated(measure, args, impl, precision))
+            except common.IsolatedError as e:
+                row["error"] = str(e)
+            rows.append(row)
+    print(common.format_table([("impl", "norms"), ("precision", "precision"),
+                               ("seconds", "s/iter"), ("images_per_s", "images/s"),
+                               ("peak_mib", "peak MiB"), ("error", "error")], rows))
     return 0
 
 
