@@ -87,6 +87,30 @@ def test_ratios_are_time_per_image_against_the_named_base_row():
     assert "MiB step 1: 1.25x the FT iteration time" in text
 
 
+def test_plain_section_alternates_the_builds_and_keeps_the_best_of_each(monkeypatch):
+    times = iter([3.0, 2.0, 1.5, 2.5])  # plain, ours, plain, ours
+    calls = []
+
+    def fake(s, section, case, arch, precision, size, channels_last, batches, baseline):
+        calls.append((arch, tuple(batches)))
+        t = next(times)
+        return {"section": section, "case": case, "seconds": t, "batch": 2,
+                "images_per_s": 2 / t, "baseline": baseline}
+
+    monkeypatch.setattr(run_all, "_iteration", fake)
+    s = settings("--device", "cpu", "--plain-repeats", "2")
+    rows = []
+    run_all.section_plain(s, rows)
+    assert calls == [("plain", (2,)), ("ours", (2,))] * 2
+    assert [(r["case"], r["seconds"]) for r in rows] == [("plain PyTorch fp32", 1.5),
+                                                         ("ours fp32", 2.0)]
+    assert rows[0]["runs_s"] == [3.0, 1.5] and rows[1]["runs_s"] == [2.0, 2.5]
+    run_all.add_ratios(rows)
+    assert rows[1]["x_base"] == pytest.approx(2.0 / 1.5)
+    assert settings("--device", "cpu").plain_repeats == 2
+    assert settings("--device", "cpu", "--quick").plain_repeats == 1
+
+
 def check_row_keys(rows, keys):
     for r in rows:
         missing = [k for k in keys if r.get(k) is None]
