@@ -581,7 +581,9 @@ def test_phase(step, path, metrics_cls):
         torch.contiguous_format
     model.to(step.device, memory_format=memory_format)
     model = step._wrap(model)
-    trainer = Trainer(model, None, step.device, opts, logger=logger, regularize=False)
+    # the original tests a fresh model outside apex AMP: in fp32
+    test_opts.amp = "off"
+    trainer = Trainer(model, None, step.device, test_opts, logger=logger, regularize=False)
     metrics = metrics_cls(step.n_classes)
     logger.info(f"Testing {path} on {len(step.test_dst)} images")
     _, results, _ = trainer.validate(step.test_loader, metrics, logger=logger, desc="test")
