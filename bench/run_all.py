@@ -387,16 +387,29 @@ def summary(s, rows):
     if loader and trains:
         fastest = max(trains, key=lambda r: r["images_per_s"])
         lines.append(f"input pipeline: the loader with {loader['workers']} workers delivers "
-                     f"{loader['images_per_s']:.1f} images/s, the fastest training row "
-                     f"({fastest['case']}) consumes {fastest['images_per_s']:.1f}: headroom "
-                     f"{loader['images_per_s'] / fastest['images_per_s']:.1f}x (above 1: not "
+                     f"{loader['images_per_s']:.3g} images/s, the fastest training row "
+                     f"({fastest['case']}) consumes {fastest['images_per_s']:.3g}: headroom "
+                     f"{loader['images_per_s'] / fastest['images_per_s']:.3g}x (above 1: not "
                      "the bottleneck; measured alone, without training competing for the CPU)")
     return lines
 
 
-def notes(s):
+def load_average():
+    """1-minute load average, or None where the OS does not give it."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def notes(s, load=(None, None)):
+    busy = ""
+    if s.threads_used and None not in load and max(load) > s.threads_used:
+        busy = f" (above {s.threads_used}: other work shared the CPU, figures are noisy)"
     out = [f"device: {common.device_name(s.device)}"
-           + (f", {s.threads_used} threads" if s.threads_used else ""),
+           + (f", {s.threads_used} threads" if s.threads_used else "")
+           + (f"; load average {load[0]} at the start, {load[1]} at the end{busy}"
+              if None not in load else ""),
            f"network: DeepLab-v3 {s.backbone} OS{s.output_stride}, {s.norm_act} "
            f"({s.norm_impl}), 21 classes; {s.warmup} warm-up + {s.iters} timed iteration(s)",
            f"peak memory: {common.MEMORY_KIND[s.device.type]}"]
@@ -427,11 +440,13 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
     rows = []
     started = time.time()
+    load_start = load_average()
     for name in s.only:
         progress(f"section {name}")
         globals()[f"section_{name}"](s, rows)
     add_ratios(rows)
-    text_notes, lines = notes(s), summary(s, rows)
+    load = (load_start, load_average())
+    text_notes, lines = notes(s, load), summary(s, rows)
     print("\n".join(text_notes))
     print()
     print(common.format_table(COLUMNS, rows))
@@ -443,7 +458,7 @@ def main(argv=None):
            "seconds": round(time.time() - started, 1),
            "device": {"type": s.device.type, "name": common.device_name(s.device),
                       "threads": s.threads_used, "native_bf16": s.native_bf16},
-           "torch": torch.__version__, "argv": list(argv if argv is not None else sys.argv[1:]),
+           "load_average": {"start": load[0], "end": load[1]}, "torch": torch.__version__, "argv": list(argv if argv is not None else sys.argv[1:]),
            "settings": {k: (str(v) if isinstance(v, torch.device) else v)
                         for k, v in vars(s).items()},
            "memory": common.MEMORY_KIND[s.device.type], "notes": text_notes,

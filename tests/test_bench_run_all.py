@@ -55,6 +55,9 @@ def test_bf16_is_measured_smaller_on_a_cpu_without_native_bf16(monkeypatch):
         ("bf16 channels_last @256", "bf16", 256, True, "fp32 @256"),
     ]
     assert any("no native bf16" in line for line in run_all.notes(s))
+    busy = run_all.notes(s, load=(1.0, 2.0 * s.threads_used + 1))[0]
+    assert "at the end (above" in busy and "noisy" in busy
+    assert "noisy" not in run_all.notes(s, load=(0.1, 0.2))[0]
     monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: True)
     plan = planned_train_rows(monkeypatch, settings("--device", "cpu"))
     assert [p[0] for p in plan] == ["fp32", "fp32 channels_last", "bf16", "bf16 channels_last"]
