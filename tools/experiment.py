@@ -1,0 +1,354 @@
+"""The method comparison on synthetic VOC data, shared by ``bench/bench_methods.py`` and
+``tools/demo.py``: 15-5 disjoint, step 0 trained once per kind of step 0, then step 1 of
+each method from that step-0 checkpoint, every run through ``run.py`` as a user would.
+
+Which step 0 a method starts from (``STEP0_OF``): FT, LwF, ILT and MiB train step 0
+identically (plain cross-entropy; nothing else is active without an old model), so they
+share one. LwF-MC trains step 0 with BCE, as the original does, so it has its own. EWC, PI
+and RW train the same weights as the cross-entropy step 0 (their penalty is off without an
+old model; ``tests/test_methods_e2e.py`` checks the weights are identical) but must also
+collect the importances that step 1 reads from the checkpoint's trainer state, so each has
+its own step-0 run.
+
+Everything lives under one output folder: ``data/`` (the synthetic tree), ``index/<run>/``
+(the index lists), ``checkpoints/``, ``logs/15-5-voc/<run>/`` (TensorBoard, log.txt,
+results/) and ``console/<run>.txt`` (each run's output). Rerunning reuses the data when it
+was made with the same settings, and ``run.py`` itself skips the steps its manifests list as
+finished.
+
+Runs use one CPU thread each and independent runs go side by side (``jobs``): on a small
+shared CPU, one process with two threads is many times slower than two one-thread processes
+as soon as anything else runs.
+"""
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+TASK = "15-5"
+DATASET = "voc"
+TASK_NAME = f"{TASK}-{DATASET}"
+METHODS = ("FT", "LWF", "LWF-MC", "ILT", "EWC", "PI", "RW", "MiB")
+STEP0_OF = {"FT": "FT", "LWF": "FT", "ILT": "FT", "MiB": "FT",
+            "LWF-MC": "LWF-MC", "EWC": "EWC", "PI": "PI", "RW": "RW"}
+
+# a tqdm bar update ("desc: 40%|####  | 4/10 [00:01<00:01, ...]"), maybe with text after it
+_ANY_BAR = re.compile(r"^[^|]*:\s*\d+%\|[^|]*\|\s*\d+/\d+ \[[^\]]*\]")
+_BAR = re.compile(r"^epoch (\d+):\s*\d+%\|[^|]*\|\s*(\d+)/(\d+) \[")   # the training bar
+_END_OF_EPOCH = re.compile(r"End of Epoch (\d+)/(\d+)")
+
+
+class ExperimentError(RuntimeError):
+    """A run of the experiment failed; the message names its console log."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Data, network and schedule of the comparison (every method gets the same)."""
+    out: str
+    n_train: int = 480
+    n_val: int = 100
+    size: int = 64
+    data_seed: int = 0
+    crop_size: int = 64
+    batch_size: int = 8
+    epochs0: int = 10
+    epochs1: int = 4
+    lr0: float = 0.02
+    lr1: float = 0.01
+    backbone: str = "resnet18"
+    lr1_of: dict = field(default_factory=dict)     # a step-1 learning rate per method
+
+    @property
+    def data_root(self):
+        return os.path.join(self.out, "data")
+
+    @property
+    def logdir(self):
+        return os.path.join(self.out, "logs")
+
+    @property
+    def checkpoint_dir(self):
+        return os.path.join(self.out, "checkpoints")
+
+    def data_settings(self):
+        return {"dataset": DATASET, "n_train": self.n_train, "n_val": self.n_val,
+                "size": self.size, "seed": self.data_seed}
+
+    def step1_lr(self, method):
+        return self.lr1_of.get(method, self.lr1)
+
+
+@dataclass
+class Job:
+    """One ``python run.py`` command of the experiment."""
+    name: str            # the run's --name
+    args: list
+    epochs: int
+    console: str
+    after: str = None    # name of the job whose checkpoint this one starts from
+    seconds: float = None
+
+
+# --- names and paths --------------------------------------------------------------------------
+
+def seed_suffix(seed, seeds):
+    """Runs of several seeds are told apart by ``-s<seed>`` (the table tool strips it)."""
+    return "" if len(seeds) == 1 else f"-s{seed}"
+
+
+def step0_name(group, suffix=""):
+    return f"step0-{group}{suffix}"
+
+
+def checkpoint_path(cfg, name, step):
+    return os.path.join(cfg.checkpoint_dir, f"{TASK_NAME}_{name}_{step}.pth")
+
+
+def results_dir(cfg, name):
+    return os.path.join(cfg.logdir, TASK_NAME, name, "results")
+
+
+def tensorboard_dir(cfg):
+    return os.path.join(cfg.logdir, TASK_NAME)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+def ensure_data(cfg):
+    """Generate the synthetic VOC tree unless one with the same settings is there (index
+    lists of other data are dropped). Returns True when it was generated now."""
+    from dataset.synthetic import FOLDER, MARKER, generate
+    marker = os.path.join(cfg.data_root, FOLDER[DATASET], MARKER)
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            if json.load(f) == cfg.data_settings():
+                return False
+    generate(DATASET, cfg.data_root, cfg.n_train, cfg.n_val, size=cfg.size,
+             seed=cfg.data_seed)
+    shutil.rmtree(os.path.join(cfg.out, "index"), ignore_errors=True)
+    return True
+
+
+# --- the runs ---------------------------------------------------------------------------------
+
+def common_args(cfg, name, seed):
+    # each run has its own index folder: runs side by side never write the same list
+    return ["--data_root", cfg.data_root, "--dataset", DATASET, "--task", TASK,
+            "--name", name, "--random_seed", str(seed),
+            "--index_dir", os.path.join(cfg.out, "index", name),
+            "--checkpoint_dir", cfg.checkpoint_dir, "--logdir", cfg.logdir,
+            "--backbone", cfg.backbone, "--no_pretrained", "--crop_size", str(cfg.crop_size),
+            "--batch_size", str(cfg.batch_size), "--num_workers", "0"]
+
+
+def step0_job(cfg, group, seed=42, suffix=""):
+    """Step 0 with ``--method group``; validation only after the last epoch."""
+    name = step0_name(group, suffix)
+    args = common_args(cfg, name, seed) + [
+        "--step", "0", "--method", group, "--epochs", str(cfg.epochs0),
+        "--val_interval", str(cfg.epochs0), "--lr", str(cfg.lr0)]
+    return Job(name, args, cfg.epochs0, os.path.join(cfg.out, "console", name + ".txt"))
+
+
+def step1_job(cfg, method, seed=42, suffix=""):
+    """Step 1 of ``method`` from the step-0 checkpoint of its group."""
+    name = method + suffix
+    args = common_args(cfg, name, seed) + [
+        "--step", "1", "--method", method,
+        "--step_ckpt", checkpoint_path(cfg, step0_name(STEP0_OF[method], suffix), 0),
+        "--epochs", str(cfg.epochs1), "--val_interval", str(cfg.epochs1),
+        "--lr", str(cfg.step1_lr(method))]
+    return Job(name, args, cfg.epochs1, os.path.join(cfg.out, "console", name + ".txt"),
+               after=step0_name(STEP0_OF[method], suffix))
+
+
+def plan(cfg, methods, seeds):
+    """(step-0 jobs, step-1 jobs) for ``methods`` and every seed."""
+    first, second = [], []
+    for seed in seeds:
+        suffix = seed_suffix(seed, seeds)
+        for group in sorted({STEP0_OF[m] for m in methods}, key=METHODS.index):
+            first.append(step0_job(cfg, group, seed, suffix))
+        second += [step1_job(cfg, m, seed, suffix) for m in methods]
+    return first, second
+
+
+def command_text(args):
+    """The command as a user would type it in the repository root."""
+    return "python run.py " + " ".join(shlex.quote(a) for a in args)
+
+
+def run_job(job, threads=1, on_progress=None):
+    """Run ``python run.py`` for ``job`` (its output goes to ``job.console``, progress bars
+    left out); ``on_progress(epochs)`` hears how many epochs of it are done."""
+    os.makedirs(os.path.dirname(job.console), exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    start = time.time()
+    done = 0.0
+    with open(job.console, "w", encoding="utf-8") as log:
+        log.write(command_text(job.args) + "\n\n")
+        log.flush()
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), *job.args],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        pending = b""
+        while True:
+            chunk = proc.stdout.read1(65536)
+            if not chunk:
+                break
+            pieces = re.split(rb"[\r\n]", pending + chunk)
+            pending = pieces.pop()
+            for piece in pieces:
+                done = _follow(piece.decode("utf-8", "replace"), done, log, on_progress)
+        _follow(pending.decode("utf-8", "replace"), done, log, on_progress)
+        code = proc.wait()
+    if code != 0:
+        with open(job.console, encoding="utf-8") as f:
+            last = [line for line in f.read().splitlines() if line.strip()][-1:]
+        raise ExperimentError(f"run {job.name} failed (exit {code}): {' '.join(last)}; its "
+                              f"output is in {job.console}")
+    if on_progress is not None:
+        on_progress(float(job.epochs))
+    job.seconds = time.time() - start
+    return job.seconds
+
+
+def _follow(line, done, log, on_progress):
+    """Epochs done, from one line of a run's output; log lines are kept, bars dropped."""
+    bar = _ANY_BAR.match(line)
+    if bar:
+        epoch_bar = _BAR.match(line)
+        if epoch_bar:
+            epoch, i, n = (int(g) for g in epoch_bar.groups())
+            done = max(done, epoch - 1 + i / max(n, 1))
+        line = line[bar.end():]          # what was printed right after a bar (an error)
+    if line.strip():
+        log.write(line + "\n")
+        log.flush()
+        end = _END_OF_EPOCH.search(line)
+        if end:
+            done = max(done, int(end.group(1)) + 1.0)
+    if on_progress is not None:
+        on_progress(done)
+    return done
+
+
+def run_jobs(jobs, parallel=2, progress=None, report=None):
+    """Run ``jobs`` with ``parallel`` of them at a time (one CPU thread each), in the given
+    order except that a job waits for the job it continues from (``job.after``) when that
+    one is in the list too. ``progress``: a tqdm bar counted in epochs over all jobs;
+    ``report(job)`` is called as each one finishes. The first failure stops the rest."""
+    names = {j.name for j in jobs}
+    pending, finished, failures = list(jobs), set(), []
+    cond = threading.Condition()
+    done = {j.name: 0.0 for j in jobs}
+
+    def next_job():
+        with cond:
+            while pending and not failures:
+                for job in pending:
+                    if job.after not in names or job.after in finished:
+                        pending.remove(job)
+                        return job
+                cond.wait()
+            return None
+
+    def worker():
+        while True:
+            job = next_job()
+            if job is None:
+                return
+
+            def on_progress(epochs, name=job.name):
+                if progress is not None:
+                    with cond:
+                        if epochs > done[name]:
+                            progress.update(epochs - done[name])
+                            done[name] = epochs
+            try:
+                run_job(job, threads=1, on_progress=on_progress)
+            except Exception as e:     # re-raised below, after the other runs stop
+                with cond:
+                    failures.append(e)
+                    cond.notify_all()
+                return
+            with cond:
+                finished.add(job.name)
+                if report is not None:
+                    report(job)
+                cond.notify_all()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, parallel))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failures:
+        raise failures[0]
+
+
+def share_step0_results(cfg, method, suffix=""):
+    """Copy the step-0 result files of the run ``method`` started from into its own
+    results folder, so that tables (avg) and plots (mIoU after each step) have both steps."""
+    from utils.checkpoint import atomic_write_bytes
+    src = results_dir(cfg, step0_name(STEP0_OF[method], suffix))
+    dst = results_dir(cfg, method + suffix)
+    for ext in ("json", "csv"):
+        path = os.path.join(src, f"step-0.{ext}")
+        with open(path, "rb") as f:
+            atomic_write_bytes(os.path.join(dst, f"step-0.{ext}"), f.read())
+
+
+# --- results ----------------------------------------------------------------------------------
+
+def load_step_results(cfg, name, step):
+    from utils.results import load_results
+    return load_results(os.path.join(results_dir(cfg, name), f"step-{step}.json"))
+
+
+def markdown_table(cfg, names, step=1):
+    """The old / new / all table of the runs (the layout of ``tools/results_table.py``)."""
+    from tools.results_table import build_table, caption, load_runs, to_markdown
+    table = build_table(load_runs([results_dir(cfg, n) for n in names]), "name", step, True)
+    return to_markdown(table, caption(table, True, "name"))
+
+
+def summary_rows(cfg, names):
+    """Per run: step-0 mIoU, then after step 1 old (with and without background), new, all
+    (fractions)."""
+    rows = []
+    for name in names:
+        d0, d1 = load_step_results(cfg, name, 0), load_step_results(cfg, name, 1)
+        rows.append({"name": name, "step0_all": d0["miou_all"], "old": d1["miou_old"],
+                     "old_no_bg": d1["miou_old_no_bg"], "new": d1["miou_new"],
+                     "all": d1["miou_all"]})
+    return rows
+
+
+def format_summary(rows):
+    """A fixed-width text table of ``summary_rows`` (percentages)."""
+    head = f"{'method':<10} {'step 0 all':>10} {'old':>6} {'old-bg':>7} {'new':>6} {'all':>6}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['name']:<10} {100 * r['step0_all']:>10.1f} {100 * r['old']:>6.1f} "
+                     f"{100 * r['old_no_bg']:>7.1f} {100 * r['new']:>6.1f} "
+                     f"{100 * r['all']:>6.1f}")
+    return "\n".join(lines)
+
+
+def write_plots(cfg, names, out_dir):
+    """PNG of old / new / all mIoU after each step, one line per run; the paths written."""
+    from tools.results_table import load_runs, plot_steps
+    return plot_steps(load_runs([results_dir(cfg, n) for n in names]), out_dir, "name", True)
