@@ -37,6 +37,29 @@ def test_command_launches_run_py_through_torchrun():
     assert "--no_pretrained" in cmd
 
 
+def test_repeats_keep_the_fastest_epoch_of_each_configuration(tmp_path, monkeypatch, capsys):
+    epochs = iter([5.0, 3.0, 4.0, 8.0, 6.0, 7.0])
+    made = []
+
+    def fake_run(args, data_root, workdir, images, crop, procs, threads):
+        made.append(workdir)
+        t = next(epochs)
+        return {"case": f"n{images}-c{crop}-p{procs}", "images": images, "crop": crop,
+                "procs": procs, "epoch_s": t, "wall_s": t + 1, "iters": 2, "s_per_iter": t / 2,
+                "images_per_s": 8 / t}
+
+    monkeypatch.setattr(bench_scale, "one_run", fake_run)
+    monkeypatch.setattr("dataset.synthetic.generate", lambda *a, **k: None)
+    path = tmp_path / "r.json"
+    assert bench_scale.main(["--images", "8", "--crops", "32", "--procs", "1,2", "--repeats",
+                             "3", "--device", "cpu", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["procs"], r["epoch_s"], r["epoch_runs_s"]) for r in rows] == [
+        (1, 3.0, [5.0, 3.0, 4.0]), (2, 6.0, [8.0, 6.0, 7.0])]
+    assert rows[1]["x_base_epoch"] == pytest.approx(2.0)
+    assert len(set(made)) == 6  # every run in a folder of its own
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_one_and_two_processes_report_epoch_times(tmp_path, capsys):
@@ -50,6 +73,7 @@ def test_one_and_two_processes_report_epoch_times(tmp_path, capsys):
     for r in rows:
         assert r["epoch_s"] >= 0 and r["train_set"] == 8 and not r.get("error")
         assert r["threads_per_proc"] == 2 // r["procs"]
+        assert r["epoch_runs_s"] == [r["epoch_s"]]
     assert rows[0]["iters"] == 4 and rows[1]["iters"] == 2  # 8 images, batch 2 per process
     assert rows[0]["x_base_epoch"] == 1
     assert "n8-c32-p2" in out and "x base epoch" in out
