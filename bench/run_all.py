@@ -458,7 +458,8 @@ def main(argv=None):
            "seconds": round(time.time() - started, 1),
            "device": {"type": s.device.type, "name": common.device_name(s.device),
                       "threads": s.threads_used, "native_bf16": s.native_bf16},
-           "load_average": {"start": load[0], "end": load[1]}, "torch": torch.__version__, "argv": list(argv if argv is not None else sys.argv[1:]),
+           "load_average": {"start": load[0], "end": load[1]}, "torch": torch.__version__,
+           "argv": list(argv if argv is not None else sys.argv[1:]),
            "settings": {k: (str(v) if isinstance(v, torch.device) else v)
                         for k, v in vars(s).items()},
            "memory": common.MEMORY_KIND[s.device.type], "notes": text_notes,

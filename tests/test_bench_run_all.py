@@ -140,7 +140,7 @@ def test_quick_run_prints_one_table_and_writes_the_json(tmp_path, capsys):
     check_row_keys([r for r in rows if r.get("baseline")], ["x_base"])
     assert all(r.get("mfu") is None for r in rows)  # no CPU peak without --peak-tflops
     assert {"created", "device", "torch", "settings", "memory", "notes", "rows",
-            "summary"} <= set(doc)
+            "summary", "load_average"} <= set(doc)
     assert doc["device"]["type"] == "cpu" and doc["settings"]["backbone"] == "resnet18"
     # the printed table has a header, a rule and one line per row, in the same order
     lines = out.splitlines()
