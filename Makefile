@@ -1,7 +1,8 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11:
 #   make test   install runtime + test dependencies into .venv and run the whole test suite
 #   make demo   the one-command demo on synthetic data (CPU, a few minutes)
-# Others: make iabn (optional compiled In-Place ABN), make bench, make test-fast, make clean.
+# Others: make iabn (optional compiled In-Place ABN), make bench / bench-quick, make test-fast,
+# make clean.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -10,7 +11,7 @@ PIP    := $(PY) -m pip
 CUDA_HOME ?= /usr/local/cuda
 TORCH_CUDA_ARCH_LIST ?= 9.0
 
-.PHONY: test test-fast demo iabn bench clean venv
+.PHONY: test test-fast demo iabn bench bench-quick clean venv
 
 venv: $(VENV)/.installed
 
@@ -30,6 +31,9 @@ demo: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/run_all.py
+
+bench-quick: $(VENV)/.installed
+	$(PY) bench/run_all.py --quick
 
 # In-Place ABN is source-only; it compiles the CPU kernels, and the CUDA ones where a
 # CUDA toolkit exists at $(CUDA_HOME).
