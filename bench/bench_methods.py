@@ -2,8 +2,8 @@
 trained from scratch on the CPU, step 0 then step 1 of each method from the same step-0
 checkpoint; prints old / new / all mIoU per method.
 
-    python bench/bench_methods.py                    # all eight methods (about 15 min on 2 cores)
-    python bench/bench_methods.py --quick            # FT, LwF, ILT, MiB: one step 0 (about 5 min)
+    python bench/bench_methods.py                    # all eight methods (13 min on 2 idle cores)
+    python bench/bench_methods.py --quick            # FT, LwF, ILT, MiB: one step 0 (5 min)
     python bench/bench_methods.py --seeds 1,2        # mean ± std over training seeds
     python bench/bench_methods.py --methods FT,MiB --epochs0 6
 
@@ -87,9 +87,10 @@ def load_average():
         return "load average unknown"
 
 
-def expectations(rows):
-    """The paper's qualitative result, checked on the figures of one seed's rows."""
-    by = {r["name"].split("-s")[0]: r for r in rows}
+def expectations(rows, suffix=""):
+    """The paper's qualitative result, checked on the rows of one seed."""
+    by = {r["name"][:len(r["name"]) - len(suffix)]: r for r in rows
+          if r["name"].endswith(suffix)}
     lines = []
     if "FT" in by:
         ft = by["FT"]
@@ -142,9 +143,9 @@ def main(argv=None):
     rows = ex.summary_rows(cfg, names)
     print("\n" + ex.format_summary(rows))
     print("\n" + ex.markdown_table(cfg, names))
-    first_seed = [r for r in rows if r["name"].endswith(ex.seed_suffix(seeds[0], seeds))]
-    for line in expectations(first_seed):
-        print("expected: " + line)
+    for seed in seeds:
+        for line in expectations(rows, ex.seed_suffix(seed, seeds)):
+            print(f"expected (seed {seed}): {line}")
     print(f"\ntotal {time.time() - start:.0f} s; {load_average()}")
     print(f"logs: {ex.tensorboard_dir(cfg)} (tensorboard --logdir {ex.tensorboard_dir(cfg)})")
     return 0
