@@ -253,7 +253,11 @@ def _package_classes():
         compiled kernels do not take (bf16 under autocast, fp16 on CPU) are normalised in
         the parameters' dtype and cast back."""
 
-        def _drop_counter(self):
+        def __init__(self, num_features, eps=EPS, momentum=MOMENTUM,
+                     activation="leaky_relu", activation_param=LEAKY_SLOPE, **extra):
+            _check_activation(activation)
+            super().__init__(num_features, eps=eps, momentum=momentum, activation=activation,
+                             activation_param=activation_param, **extra)
             self.num_batches_tracked = None
 
         def _accepts(self, x):
@@ -269,28 +273,14 @@ def _package_classes():
             nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
 
     class PackageABN(_PackageMixin, inplace_abn.ABN):
-        def __init__(self, num_features, eps=EPS, momentum=MOMENTUM,
-                     activation="leaky_relu", activation_param=LEAKY_SLOPE):
-            _check_activation(activation)
-            super().__init__(num_features, eps=eps, momentum=momentum, activation=activation,
-                             activation_param=activation_param)
-            self._drop_counter()
+        pass
 
     class PackageInPlaceABN(_PackageMixin, inplace_abn.InPlaceABN):
-        def __init__(self, num_features, eps=EPS, momentum=MOMENTUM,
-                     activation="leaky_relu", activation_param=LEAKY_SLOPE):
-            _check_activation(activation)
-            super().__init__(num_features, eps=eps, momentum=momentum, activation=activation,
-                             activation_param=activation_param)
-            self._drop_counter()
+        pass
 
     class PackageInPlaceABNSync(_PackageMixin, inplace_abn.InPlaceABNSync):
-        def __init__(self, num_features, eps=EPS, momentum=MOMENTUM,
-                     activation="leaky_relu", activation_param=LEAKY_SLOPE, group=None):
-            _check_activation(activation)
-            super().__init__(num_features, eps=eps, momentum=momentum, activation=activation,
-                             activation_param=activation_param, group=None)
-            self._drop_counter()
+        def __init__(self, num_features, *args, group=None, **kwargs):
+            super().__init__(num_features, *args, group=None, **kwargs)
             self.requested_group = group
 
         def forward(self, x):
