@@ -1,4 +1,5 @@
 """Reading images and masks, turning decoder failures into errors that name the file."""
+import contextlib
 import os
 
 import numpy as np
@@ -13,29 +14,29 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError
 PRESENCE_COLUMNS = 257
 
 
+@contextlib.contextmanager
+def _reading(kind, path):
+    """Turns a missing or undecodable ``kind`` ("image", "mask") file into our errors."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise DatasetLayoutError(f"{kind} file {path} is missing") from None
+    except _DECODE_ERRORS as e:
+        raise CorruptFileError(f"cannot read {kind} {path}: {e}; replace or re-download "
+                               "the file") from None
+
+
 def open_image(path):
     """The image at ``path`` as an RGB PIL image (decoded now, so errors surface here)."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except FileNotFoundError:
-        raise DatasetLayoutError(f"image file {path} is missing") from None
-    except _DECODE_ERRORS as e:
-        raise CorruptFileError(f"cannot read image {path}: {e}; replace or re-download "
-                               "the file") from None
+    with _reading("image", path), Image.open(path) as img:
+        return img.convert("RGB")
 
 
 def open_mask(path):
     """The label mask at ``path`` as a PIL image, without conversion (raw label ids)."""
-    try:
-        with Image.open(path) as mask:
-            mask.load()
-        return mask
-    except FileNotFoundError:
-        raise DatasetLayoutError(f"mask file {path} is missing") from None
-    except _DECODE_ERRORS as e:
-        raise CorruptFileError(f"cannot read mask {path}: {e}; replace or re-download "
-                               "the file") from None
+    with _reading("mask", path), Image.open(path) as mask:
+        mask.load()
+    return mask
 
 
 def mask_presence(path):
@@ -44,17 +45,11 @@ def mask_presence(path):
     Reads only the mask. For 8-bit masks PIL's C histogram does the counting.
     """
     row = np.zeros(PRESENCE_COLUMNS, dtype=bool)
-    try:
-        with Image.open(path) as mask:
-            if mask.mode in ("L", "P"):
-                row[:256] = np.asarray(mask.histogram()[:256]) > 0
-                return row
-            values = np.unique(np.asarray(mask))
-    except FileNotFoundError:
-        raise DatasetLayoutError(f"mask file {path} is missing") from None
-    except _DECODE_ERRORS as e:
-        raise CorruptFileError(f"cannot read mask {path}: {e}; replace or re-download "
-                               "the file") from None
+    with _reading("mask", path), Image.open(path) as mask:
+        if mask.mode in ("L", "P"):
+            row[:256] = np.asarray(mask.histogram()[:256]) > 0
+            return row
+        values = np.unique(np.asarray(mask))
     values = values.astype(np.int64)
     row[values[(values >= 0) & (values < 256)]] = True
     row[256] = bool(np.any(values >= 256) or np.any(values < 0))
