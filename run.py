@@ -435,9 +435,10 @@ def run_step(opts, ctx):
         resume_ckpt = load_trusted(resume_path, "checkpoint")
         check_resumable(resume_ckpt, resume_path, opts, ctx.world_size)
 
-    step.build(plan)
-    logger = step.logger
+    step.logger = None
     try:
+        step.build(plan)
+        logger = step.logger
         if plan == "test":
             test_path = opts.ckpt or step.ckpt_path
         else:
@@ -467,7 +468,7 @@ def run_step(opts, ctx):
                 sample_ids = np.random.choice(len(step.val_loader), n_samples, replace=False)
             logger.debug(f"Random tensor: {torch.randint(0, 100, (1, 1))}")
             val_results = train_epochs(step, trainer, start_epoch, best_score, val_results,
-                                       sample_ids)
+                                       sample_ids, resume_path)
             test_path = step.ckpt_path
             trainer = None
         results = test_phase(step, test_path, StreamSegMetrics)
@@ -479,17 +480,20 @@ def run_step(opts, ctx):
         distributed.barrier()
         return results
     finally:
-        logger.close()
+        if step.logger is not None:  # also when build() failed half-way: detach its handlers
+            step.logger.close()
 
 
-def train_epochs(step, trainer, start_epoch, best_score, val_results, sample_ids):
+def train_epochs(step, trainer, start_epoch, best_score, val_results, sample_ids,
+                 resume_path=None):
     """The epoch loop of §12.2: train, validate every --val_interval epochs, checkpoint."""
     from metrics import StreamSegMetrics
     from train import NonFiniteLossError
     opts, ctx, logger = step.opts, step.ctx, step.logger
     model = step.train_model
     val_metrics = StreamSegMetrics(step.n_classes)
-    last_saved = start_epoch - 1 if start_epoch > 0 else None
+    # the last good checkpoint: the file resumed from until this run writes its own
+    last_saved = (resume_path, start_epoch - 1) if start_epoch > 0 else None
     for epoch in range(start_epoch, opts.epochs):
         model.train()
         logger.info(f"=====> Epoch {epoch}, lr = {step.optimizer.param_groups[0]['lr']:.6f}")
@@ -500,7 +504,7 @@ def train_epochs(step, trainer, start_epoch, best_score, val_results, sample_ids
                                        scheduler=step.scheduler, print_int=opts.print_interval,
                                        logger=logger)
         except NonFiniteLossError as e:
-            last = (f"last good checkpoint: {step.ckpt_path} (after epoch {last_saved})"
+            last = (f"last good checkpoint: {last_saved[0]} (after epoch {last_saved[1]})"
                     if last_saved is not None else "no checkpoint of this step was written yet")
             raise NonFiniteLossError(f"{e}; {last}") from e
         logger.info(f"End of Epoch {epoch}/{opts.epochs}, Average Loss={sum(epoch_loss)}, "
@@ -532,7 +536,7 @@ def train_epochs(step, trainer, start_epoch, best_score, val_results, sample_ids
                 atomic_torch_save(step.checkpoint(epoch, score, trainer, val_results),
                                   step.ckpt_path)
                 logger.info(f"[!] Checkpoint saved: {step.ckpt_path}")
-            last_saved = epoch
+            last_saved = (step.ckpt_path, epoch)
     if ctx.is_main:
         atomic_torch_save(step.checkpoint(opts.epochs, best_score, trainer, val_results),
                           step.ckpt_path)
