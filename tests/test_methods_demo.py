@@ -80,3 +80,18 @@ def test_benchmark_shares_step0_within_a_group_only(tmp_path):
     assert opts["FT"]["step_ckpt"] == opts["MiB"]["step_ckpt"] != opts["EWC"]["step_ckpt"]
     assert opts["EWC"]["lr"] == 0.001 and opts["MiB"]["lr"] == 0.01
     assert all(o["random_seed"] == 7 for o in opts.values())
+
+
+def test_data_made_with_other_settings_drops_what_was_trained_on_the_old_data(tmp_path):
+    cfg = ex.Config(out=str(tmp_path), n_train=24, n_val=12, size=32)
+    assert ex.ensure_data(cfg)
+    ckpt = tmp_path / "checkpoints" / "15-5-voc_FT_1.pth"
+    result = tmp_path / "logs" / "15-5-voc" / "FT" / "results" / "step-1.json"
+    for f in (ckpt, result):
+        f.parent.mkdir(parents=True)
+        f.write_text("{}")
+    assert not ex.ensure_data(cfg)  # same settings: data and runs kept
+    assert ckpt.exists() and result.exists()
+    other = ex.Config(out=str(tmp_path), n_train=24, n_val=12, size=32, data_seed=1)
+    assert ex.ensure_data(other)  # other data: nothing may pass for finished on it
+    assert not ckpt.exists() and not result.exists()

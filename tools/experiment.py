@@ -20,7 +20,6 @@ Runs use one CPU thread each and independent runs go side by side (``jobs``): on
 shared CPU, one process with two threads is many times slower than two one-thread processes
 as soon as anything else runs.
 """
-import json
 import os
 import re
 import shlex
@@ -34,6 +33,8 @@ from dataclasses import dataclass, field
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from utils.checkpoint import CheckpointError, read_json, step_checkpoint_path  # noqa: E402
 
 TASK = "15-5"
 DATASET = "voc"
@@ -112,7 +113,7 @@ def step0_name(group, suffix=""):
 
 
 def checkpoint_path(cfg, name, step):
-    return os.path.join(cfg.checkpoint_dir, f"{TASK_NAME}_{name}_{step}.pth")
+    return step_checkpoint_path(cfg.checkpoint_dir, TASK_NAME, name, step)
 
 
 def results_dir(cfg, name):
@@ -126,17 +127,21 @@ def tensorboard_dir(cfg):
 # --- data -------------------------------------------------------------------------------------
 
 def ensure_data(cfg):
-    """Generate the synthetic VOC tree unless one with the same settings is there (index
-    lists of other data are dropped). Returns True when it was generated now."""
+    """Generate the synthetic VOC tree unless one with the same settings is there. What was
+    made from other data (index lists, checkpoints, logs and results) is dropped with it, so
+    no run is taken as finished on the old data. Returns True when it was generated now."""
     from dataset.synthetic import FOLDER, MARKER, generate
     marker = os.path.join(cfg.data_root, FOLDER[DATASET], MARKER)
     if os.path.isfile(marker):
-        with open(marker) as f:
-            if json.load(f) == cfg.data_settings():
+        try:
+            if read_json(marker, "synthetic data record") == cfg.data_settings():
                 return False
+        except CheckpointError:
+            pass  # unreadable record: generate again
     generate(DATASET, cfg.data_root, cfg.n_train, cfg.n_val, size=cfg.size,
              seed=cfg.data_seed)
-    shutil.rmtree(os.path.join(cfg.out, "index"), ignore_errors=True)
+    for stale in (os.path.join(cfg.out, "index"), cfg.checkpoint_dir, cfg.logdir):
+        shutil.rmtree(stale, ignore_errors=True)
     return True
 
 
