@@ -20,6 +20,7 @@ import argparse
 import datetime
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -111,7 +112,8 @@ def run_command(args, data_root, workdir, name, crop, procs):
             "--batch_size", str(args.batch), "--epochs", "1", "--lr", "0.01",
             "--num_workers", str(args.workers), "--amp", args.amp, "--no_progress",
             "--device", args.device, "--logdir", os.path.join(workdir, "logs"),
-            "--checkpoint_dir", os.path.join(workdir, "checkpoints"), "--name", name]
+            "--checkpoint_dir", os.path.join(workdir, "checkpoints"), "--name", name,
+            "--resume", "never"]  # a kept folder (--keep) must not count as finished
 
 
 def one_run(args, data_root, workdir, images, crop, procs, threads):
@@ -120,11 +122,22 @@ def one_run(args, data_root, workdir, images, crop, procs, threads):
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                OMP_NUM_THREADS=str(max(1, threads // procs)))
     cmd = run_command(args, data_root, workdir, name, crop, procs)
-    start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True,
-                          timeout=args.timeout)
-    wall = time.perf_counter() - start
     log_path = os.path.join(workdir, "logs", f"{TASK}-{DATASET}", name, "log.txt")
+    if os.path.isfile(log_path):
+        os.remove(log_path)  # log.txt is appended to: read this run's epoch line only
+    start = time.perf_counter()
+    # its own process group, so that a timeout also stops the workers torchrun started
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return {"case": name, "images": images, "crop": crop, "procs": procs,
+                "wall_s": time.perf_counter() - start, "command": " ".join(cmd),
+                "error": f"no result within --timeout {args.timeout} s"}
+    wall = time.perf_counter() - start
     log_text = ""
     if os.path.isfile(log_path):
         with open(log_path, encoding="utf-8") as f:
@@ -133,9 +146,9 @@ def one_run(args, data_root, workdir, images, crop, procs, threads):
     row = {"case": name, "images": images, "crop": crop, "procs": procs,
            "threads_per_proc": max(1, threads // procs), "train_set": train_set,
            "epoch_s": seconds, "wall_s": wall, "command": " ".join(cmd)}
-    if done.returncode != 0 or seconds is None:
-        tail = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
-        row["error"] = f"exit code {done.returncode}: {tail}"
+    if proc.returncode != 0 or seconds is None:
+        tail = (stderr.strip() or stdout.strip() or "no output").splitlines()[-1]
+        row["error"] = f"exit code {proc.returncode}: {tail}"
         return row
     per_process = -(-train_set // procs)
     row["iters"] = per_process // args.batch
@@ -198,7 +211,8 @@ def main(argv=None):
         if base.get("epoch_s") and r.get("epoch_s"):
             r["x_base_epoch"] = r["epoch_s"] / base["epoch_s"]
             r["x_base_per_image"] = (base["images_per_s"] / r["images_per_s"]
-                                     if r.get("images_per_s") else None)
+                                     if base.get("images_per_s") and r.get("images_per_s")
+                                     else None)
     precision = "fp32" if args.amp == "off" else args.amp
     print(f"one epoch of run.py ({args.method}, {args.backbone}, batch {args.batch} per "
           f"process, {precision}) on {common.device_name(device)}, {threads} threads shared "

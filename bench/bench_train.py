@@ -189,8 +189,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = common.resolve_device(args.device)
     methods = [method_name(m) for m in args.methods.split(",")]
-    if "FT" not in methods:
-        methods.insert(0, "FT")
+    methods = ["FT"] + [m for m in methods if m != "FT"]  # FT first: the base row
     rows = []
     for m in methods:
         row = {"method": m}
