@@ -36,3 +36,19 @@ def test_real_compile_gives_the_eager_result():
     out = wrapped(x)
     assert not wrapped.failed
     torch.testing.assert_close(out, net(x), rtol=1e-5, atol=1e-5)
+    # the compiled module is not a second copy of the parameters in the state dict
+    assert list(wrapped.state_dict()) == ["module." + k for k in net.state_dict()]
+    assert len(list(wrapped.parameters())) == len(list(net.parameters()))
+
+
+def test_out_of_memory_is_not_taken_for_a_compile_failure(monkeypatch):
+    def out_of_memory(module):
+        def run(*a, **k):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return run
+
+    monkeypatch.setattr(torch, "compile", out_of_memory)
+    wrapped = compile_mod.maybe_compile(nn.Linear(3, 2), True)
+    with pytest.raises(torch.OutOfMemoryError):
+        wrapped(torch.randn(1, 3))
+    assert not wrapped.failed

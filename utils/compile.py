@@ -13,14 +13,17 @@ class CompiledWithFallback(nn.Module):
 
     def __init__(self, module):
         super().__init__()
-        self.module = module  # registered once: state dict and parameters stay the module's
-        self._compiled = torch.compile(module)
+        self.module = module
+        # not registered as a submodule: state dict and parameters stay the module's alone
+        object.__setattr__(self, "_compiled", torch.compile(module))
         self.failed = False
 
     def forward(self, *args, **kwargs):
         if not self.failed:
             try:
                 return self._compiled(*args, **kwargs)
+            except torch.OutOfMemoryError:
+                raise  # not a compilation failure: eager would run out of memory too
             except Exception as e:  # compilation errors come in many types
                 self.failed = True
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
