@@ -64,7 +64,9 @@ def resolve_runtime_options(opts, device):
     if opts.channels_last == "auto":
         opts.channels_last = "on" if device.type == "cuda" else "off"
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed crop sizes: pick the fastest kernels
+        # fixed crop sizes: pick the fastest kernels once; with full-image evaluation every
+        # new image size would start a new search
+        torch.backends.cudnn.benchmark = opts.crop_val
     return opts
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from modules import DeeplabV3, is_norm_layer, make_resnet, norm_act_factory
 from utils.checkpoint import CheckpointError, load_trusted  # noqa: F401  (re-exported)
+from utils.compile import CompiledWithFallback
 
 HEAD_CHANNELS = 256
 PREFIX = "module."
@@ -103,9 +104,11 @@ def add_module_prefix(state):
 
 
 def unwrap(model):
-    """The network inside a DDP / DataParallel wrapper (or the model itself)."""
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    return model.module if isinstance(model, wrappers) else model
+    """The network inside DDP / DataParallel / ``--compile`` wrappers (or the model itself)."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel, CompiledWithFallback)
+    while isinstance(model, wrappers):
+        model = model.module
+    return getattr(model, "_orig_mod", model)  # a bare torch.compile result
 
 
 def _examples(keys, limit=3):

@@ -15,6 +15,7 @@ import contextlib
 import torch
 from tqdm import tqdm
 
+from segmentation_module import unwrap
 from utils import distributed
 from utils.loss import (EncoderDistillationLoss, IcarlDistillationLoss, IcarlLoss,
                         KnowledgeDistillationLoss, UnbiasedKnowledgeDistillationLoss,
@@ -73,7 +74,7 @@ class Trainer:
         self.regularizer = None
         if opts.regularizer is not None and regularize:
             old_state = trainer_state.get("regularizer") if trainer_state else None
-            self.regularizer = get_regularizer(_bare(model), _bare(model_old), device, opts,
+            self.regularizer = get_regularizer(unwrap(model), unwrap(model_old), device, opts,
                                                old_state)
         self.regularizer_flag = self.regularizer is not None
 
@@ -128,7 +129,7 @@ class Trainer:
         reg_loss = torch.zeros((), device=device)
         interval_loss = torch.zeros((), device=device)
         finite_flags = []
-        params = [p for p in _bare(model).parameters() if p.requires_grad]
+        params = [p for p in unwrap(model).parameters() if p.requires_grad]
 
         bar = tqdm(total=n_iters, desc=f"epoch {cur_epoch + 1}", leave=False, dynamic_ncols=True,
                    disable=not (self.progress and self.rank == 0))
@@ -320,10 +321,3 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.skipped_batches = state.get("skipped_batches", 0)
         self.scaler_skipped_steps = state.get("scaler_skipped_steps", 0)
-
-
-def _bare(model):
-    """The network inside DDP / compile wrappers."""
-    while model is not None and hasattr(model, "module"):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
