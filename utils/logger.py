@@ -5,6 +5,7 @@ Every TensorBoard tag gets the suffix ``/<step>`` as in the original (``Loss/1``
 import logging
 import os
 import sys
+import uuid
 
 from tqdm import tqdm
 
@@ -48,7 +49,12 @@ class Logger:
                 self._log.addHandler(fh)
             if summary:
                 from tensorboardX import SummaryWriter
-                self.writer = SummaryWriter(logdir)
+                # tensorboardX names event files by the second: a writer of its own per
+                # step and run, or a step that starts within the same second as the
+                # previous one would replace the previous step's file
+                suffix = f".step{step}.{uuid.uuid4().hex[:8]}" if step is not None else \
+                    f".{uuid.uuid4().hex[:8]}"
+                self.writer = SummaryWriter(logdir, filename_suffix=suffix)
         # rank 0 shows the packages' messages with ours; other ranks stay quiet
         handlers = self._log.handlers if self.is_main else [logging.NullHandler()]
         self._routed = []
