@@ -52,8 +52,10 @@ class Trainer:
         if self.icarl_only_dist:
             self.criterion = IcarlLoss(reduction="mean", bkg=opts.icarl_bkg)
         else:
+            # per pixel, then the mean over all pixels, ignored ones included (the
+            # original trainer's reduction, not the loss classes' own 'mean')
             self.criterion = make_main_criterion(bce=opts.bce, icarl=opts.icarl, unce=opts.unce,
-                                                 old_cl=self.old_classes)
+                                                 old_cl=self.old_classes, reduction="none")
         self.icarl_loss = IcarlDistillationLoss(importance=opts.icarl_importance)
         self.de_loss = EncoderDistillationLoss()
 
@@ -106,7 +108,7 @@ class Trainer:
         if self.icarl_only_dist:
             main = self.criterion(outputs, labels, torch.sigmoid(outputs_old))
         else:
-            main = self.criterion(outputs, labels)
+            main = self.criterion(outputs, labels).mean()
         zero = main.new_zeros(())
         icarl = zero
         if self.icarl_combined:

@@ -167,18 +167,64 @@ def test_unbiased_ce_leaves_the_callers_targets_alone(data):
     assert torch.equal(y, before)
 
 
-@pytest.mark.parametrize("make", [
-    lambda r: PixelCrossEntropy(reduction=r),
-    lambda r: UnbiasedCrossEntropy(old_cl=C_OLD, reduction=r),
-    lambda r: BCEWithLogitsLossWithIgnoreIndex(reduction=r),
+@pytest.mark.parametrize("make, mean_over", [
+    (lambda r: PixelCrossEntropy(reduction=r), "all"),
+    (lambda r: UnbiasedCrossEntropy(old_cl=C_OLD, reduction=r), "valid"),
+    (lambda r: BCEWithLogitsLossWithIgnoreIndex(reduction=r), "valid"),
 ])
-def test_label_loss_reductions_average_over_every_pixel(data, make):
+def test_label_loss_reductions(data, make, mean_over):
     z, _, y = data
     none = make("none")(z, y)
     assert none.shape == (B, H, W)
     assert (none[y == 255] == 0).all()
     torch.testing.assert_close(make("sum")(z, y), none.sum())
-    torch.testing.assert_close(make("mean")(z, y), none.sum() / (B * H * W))
+    count = B * H * W if mean_over == "all" else int((y != 255).sum())
+    assert count < B * H * W or mean_over == "all"
+    torch.testing.assert_close(make("mean")(z, y), none.sum() / count)
+
+
+# Four pixels (C = 3, two old channels): targets background, new class 2, ignored, old
+# class 1. Per-pixel values computed by hand with math.log/exp (see the comments).
+HAND_Z = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0], [0.0, 1.0, 0.0], [0.2, -0.3, 0.1]],
+                      dtype=torch.float64).T.reshape(1, 3, 1, 4)
+HAND_Y = torch.tensor([[[0, 2, 255, 1]]])
+# unbiased CE: LSE(z) - LSE(z_0, z_1) for targets < 2, LSE(z) - z_2 for target 2, 0 ignored
+HAND_UNCE = [0.09434427692615754, 0.3689811354013153, 0.0, 0.44675067137315283]
+# BCE: sum_c softplus(z_c) - z_target, 0 for the ignored pixel
+HAND_BCE = [1.3196705555963908, 2.075081979403186, 0.0, 2.39689077392369]
+
+
+@pytest.mark.parametrize("loss, expected", [
+    (UnbiasedCrossEntropy(old_cl=2, reduction="none"), HAND_UNCE),
+    (BCEWithLogitsLossWithIgnoreIndex(reduction="none"), HAND_BCE),
+])
+def test_reduction_none_matches_hand_computed_values(loss, expected):
+    torch.testing.assert_close(loss(HAND_Z, HAND_Y).flatten(),
+                               torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls, per_pixel", [(UnbiasedCrossEntropy, HAND_UNCE),
+                                             (BCEWithLogitsLossWithIgnoreIndex, HAND_BCE)])
+def test_mean_and_sum_skip_ignored_pixels_as_the_original(cls, per_pixel):
+    kwargs = {"old_cl": 2} if cls is UnbiasedCrossEntropy else {}
+    total = sum(per_pixel)
+    assert cls(reduction="sum", **kwargs)(HAND_Z, HAND_Y).item() == pytest.approx(total, abs=1e-12)
+    # three pixels are not ignored: the mean divides by 3, not by the 4 positions
+    assert cls(**kwargs)(HAND_Z, HAND_Y).item() == pytest.approx(total / 3, abs=1e-12)
+
+
+@pytest.mark.parametrize("cls", [UnbiasedCrossEntropy, BCEWithLogitsLossWithIgnoreIndex])
+def test_mean_of_an_all_ignored_batch_is_nan_as_the_original(cls):
+    kwargs = {"old_cl": 2} if cls is UnbiasedCrossEntropy else {}
+    assert torch.isnan(cls(**kwargs)(HAND_Z, torch.full_like(HAND_Y, 255)))
+
+
+def test_trainer_criterion_averages_over_every_pixel():
+    """The trainer's reduction ('none', then the mean over all positions) is unchanged."""
+    unce = make_main_criterion(unce=True, old_cl=2, reduction="none")
+    assert unce(HAND_Z, HAND_Y).mean().item() == pytest.approx(sum(HAND_UNCE) / 4, abs=1e-12)
+    bce = make_main_criterion(bce=True, reduction="none")
+    assert bce(HAND_Z, HAND_Y).mean().item() == pytest.approx(sum(HAND_BCE) / 4, abs=1e-12)
 
 
 @pytest.mark.parametrize("cls", [KnowledgeDistillationLoss, UnbiasedKnowledgeDistillationLoss])

@@ -58,8 +58,11 @@ def test_unbiased_cross_entropy(batch):
     z, _, y, tol = batch
     per_pixel = [0.5924590010, 0.3131357238, 0.3489770554, 0.0, 0.5904086488]
     check(UnbiasedCrossEntropy(old_cl=N_OLD, reduction="none")(z, y), per_pixel, tol)
-    check(UnbiasedCrossEntropy(old_cl=N_OLD)(z, y), 0.3689960858, tol)
+    # the trainer's reduction: the mean over all five pixels, the ignored one included
+    check(UnbiasedCrossEntropy(old_cl=N_OLD, reduction="none")(z, y).mean(), 0.3689960858, tol)
     check(UnbiasedCrossEntropy(old_cl=N_OLD, reduction="sum")(z, y), sum(per_pixel), tol)
+    # the class's own 'mean' (an NLL with ignore_index): over the four pixels not ignored
+    check(UnbiasedCrossEntropy(old_cl=N_OLD)(z, y), sum(per_pixel) / 4, tol)
 
 
 @pytest.mark.parametrize("alpha, per_pixel, mean", [
@@ -85,8 +88,8 @@ def test_unbiased_knowledge_distillation(batch, alpha, per_pixel, mean):
 
 def test_method_totals(batch):
     z, z_old, y, tol = batch
-    mib = UnbiasedCrossEntropy(old_cl=N_OLD)(z, y) + 10 * UnbiasedKnowledgeDistillationLoss()(
-        z, z_old)
+    mib = UnbiasedCrossEntropy(old_cl=N_OLD, reduction="none")(z, y).mean() + \
+        10 * UnbiasedKnowledgeDistillationLoss()(z, z_old)
     lwf = PixelCrossEntropy()(z, y) + 100 * KnowledgeDistillationLoss()(z, z_old)
     check(mib, 4.3669122977, tol)
     check(lwf, 41.4905898131, tol)
@@ -96,7 +99,10 @@ def test_bce_with_ignore_index(batch):
     z, _, y, tol = batch
     per_pixel = [3.5814908475, 4.6382697453, 5.8529363223, 0.0, 2.7549318038]
     check(BCEWithLogitsLossWithIgnoreIndex(reduction="none")(z, y), per_pixel, tol)
-    check(BCEWithLogitsLossWithIgnoreIndex()(z, y), 3.3655257438, tol)
+    check(BCEWithLogitsLossWithIgnoreIndex(reduction="none")(z, y).mean(), 3.3655257438, tol)
+    # the class's own 'mean' and 'sum' skip the ignored pixel
+    check(BCEWithLogitsLossWithIgnoreIndex()(z, y), sum(per_pixel) / 4, tol)
+    check(BCEWithLogitsLossWithIgnoreIndex(reduction="sum")(z, y), sum(per_pixel), tol)
 
 
 def test_combined_icarl_term(batch):

@@ -4,9 +4,12 @@ Class names and constructor keywords are those of the original MiB code, so code
 against it keeps working. Conventions shared by every term here:
 
 * ``inputs`` are the new model's logits, B x C x H x W, old channels first;
-* the reductions are ``'mean'`` = mean over **all** B*H*W pixel positions, ignored pixels
-  included (they contribute 0 but count in the denominator, as the original trainer reduces),
-  ``'sum'`` and ``'none'`` (the per-pixel B x H x W map);
+* ``reduction='none'`` gives the per-pixel B x H x W map (0 on ignored pixels) and
+  ``'sum'`` its sum. ``'mean'`` is each original class's own mean: over the pixels that are
+  not ignored for ``UnbiasedCrossEntropy`` and ``BCEWithLogitsLossWithIgnoreIndex`` (NaN when
+  every pixel is ignored, as the original), over all pixels for the others. The trainer takes
+  ``'none'`` and averages over **all** B*H*W pixels, ignored ones included, as the original
+  trainer does (docs/behaviour.md, the losses section);
 * logits that arrive in float16/bfloat16 (autocast) are upcast, so every loss is computed in
   float32 (float64 inputs stay float64, for exact comparisons);
 * no one-hot targets are materialised: the per-pixel terms are written with logsumexp,
@@ -46,6 +49,13 @@ def _reduce(loss, reduction):
     if reduction == "sum":
         return loss.sum()
     return loss
+
+
+def _mean_over_valid(loss, valid, reduction):
+    """The original's 'mean' of a loss with ignored pixels: over the valid ones only."""
+    if reduction == "mean":
+        return loss.sum() / valid.sum()
+    return _reduce(loss, reduction)
 
 
 def _apply_mask(loss, mask):
@@ -108,7 +118,8 @@ class UnbiasedCrossEntropy(nn.Module):
         index = torch.where(valid, labels, torch.zeros_like(labels))
         numerator = torch.where(is_bkg, log_bkg, _gather_channel(x, index))
         loss = torch.where(valid, den - numerator, torch.zeros_like(den))
-        return _reduce(loss, self.reduction)
+        # the original is an NLL with ignore_index: its 'mean' skips the ignored pixels
+        return _mean_over_valid(loss, valid, self.reduction)
 
 
 class KnowledgeDistillationLoss(nn.Module):
@@ -162,7 +173,8 @@ class UnbiasedKnowledgeDistillationLoss(nn.Module):
 
 class BCEWithLogitsLossWithIgnoreIndex(nn.Module):
     """Per pixel: sum over all C channels of BCE-with-logits against the one-hot of the
-    target; 0 for ignored pixels (which still count in the mean)."""
+    target, times that one-hot row's sum (so 0 for ignored pixels); ``'mean'`` and ``'sum'``
+    are taken over the pixels that are not ignored."""
 
     def __init__(self, reduction="mean", ignore_index=255):
         super().__init__()
@@ -176,7 +188,8 @@ class BCEWithLogitsLossWithIgnoreIndex(nn.Module):
         # BCE(x, 1) = BCE(x, 0) - x: the one-hot channel only subtracts its logit
         loss = _sum_softplus(x) - _gather_channel(x, index)
         loss = torch.where(valid, loss, torch.zeros_like(loss))
-        return _reduce(loss, self.reduction)
+        # the original's 'mean'/'sum' drop pixels whose one-hot row is all zero (ignored)
+        return _mean_over_valid(loss, valid, self.reduction)
 
 
 class IcarlLoss(nn.Module):
