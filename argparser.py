@@ -41,7 +41,15 @@ class OptionError(ValueError):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors, exit code 1 and the nearest valid spelling."""
+    """argparse with one-line errors, exit code 1 and the nearest valid spelling. The
+    namespace keeps the parsed command line (``_argv``), so that
+    ``modify_command_options`` can tell the options given explicitly from the defaults."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        ns, extras = super().parse_known_args(args, namespace)
+        ns._argv = [str(a) for a in args]
+        return ns, extras
 
     def error(self, message):
         hint = self._suggest(message)
@@ -274,12 +282,13 @@ def get_argparser():
     return p
 
 
-def _explicit_dests(parser, argv):
+def _explicit_dests(argv):
     """Names of the options that appear on the command line (to report preset overrides)."""
+    parser = get_argparser()
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     ns, _ = parser.parse_known_args(argv)
-    return set(vars(ns))
+    return set(vars(ns)) - {"_argv"}
 
 
 def apply_method_preset(opts, explicit=frozenset()):
@@ -301,7 +310,7 @@ def apply_method_preset(opts, explicit=frozenset()):
     return notes
 
 
-def modify_command_options(opts):
+def _derive(opts):
     """Derived options of the original (§4)."""
     opts.num_classes = {"voc": 21, "ade": 150}[opts.dataset]
     if not opts.visualize:
@@ -396,19 +405,28 @@ def _validate(opts, explicit):
     return warnings
 
 
-def parse_options(argv=None):
-    """Parse ``argv`` (default ``sys.argv[1:]``) into the options of a run."""
-    if argv is None:
-        argv = sys.argv[1:]
-    parser = get_argparser()
-    opts = parser.parse_args(argv)
-    explicit = _explicit_dests(get_argparser(), argv)
+def modify_command_options(opts):
+    """Finish a namespace of ``get_argparser().parse_args(...)`` as the original's function
+    of this name does, and as ``parse_options`` does: the method preset, validation, the
+    derived options, ``opts.lr`` as the float of this step. Raises ``OptionError``."""
+    if getattr(opts, "_finished", False):
+        return opts
+    explicit = _explicit_dests(getattr(opts, "_argv", []))
+    if not isinstance(opts.lr, list):     # a namespace built by hand with a float lr
+        opts.lr = [float(opts.lr)]
     notes = apply_method_preset(opts, explicit)
     notes += _validate(opts, explicit)
-    modify_command_options(opts)
+    _derive(opts)
     opts.explicit = sorted(explicit)
     opts.warnings = notes
+    opts._finished = True
     return opts
+
+
+def parse_options(argv=None):
+    """Parse ``argv`` (default ``sys.argv[1:]``) into the options of a run: the same as
+    ``modify_command_options(get_argparser().parse_args(argv))``."""
+    return modify_command_options(get_argparser().parse_args(argv))
 
 
 def main_error(message):

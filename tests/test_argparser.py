@@ -71,6 +71,33 @@ def test_method_presets(method, expected):
         assert getattr(opts, key) == value, (method, key)
 
 
+def _ported_path(argv):
+    """What code ported from the original does: parse, then finish the namespace."""
+    opts = argparser.get_argparser().parse_args(argv)
+    return argparser.modify_command_options(opts)
+
+
+@pytest.mark.parametrize("method", argparser.METHODS)
+@pytest.mark.parametrize("extra", [
+    [], ["--step", "1", "--lr", "0.001", "--loss_kd", "3"],
+    ["--task", "15-5s", "--step", "all", "--lr", "0.01,0.001", "--explicit_overrides_preset",
+     "--reg_importance", "7", "--visualize", "--sample_num", "2"],
+])
+def test_the_original_argparser_api_gives_what_parse_options_gives(method, extra):
+    argv = ["--method", method, *extra]
+    ported = _ported_path(argv)
+    assert vars(ported) == vars(parse_options(argv))
+    assert isinstance(ported.lr, float)
+
+
+def test_the_original_argparser_api_applies_the_mib_preset():
+    opts = _ported_path(["--method", "MIB", "--lr", "0.01"])
+    assert (opts.unce, opts.unkd, opts.init_balanced, opts.loss_kd) == (True, True, True, 10)
+    assert opts.lr == 0.01 and opts.task_name == "19-1-voc" and opts.num_classes == 21
+    # finishing twice changes nothing
+    assert vars(argparser.modify_command_options(opts)) == vars(opts)
+
+
 @pytest.mark.parametrize("spelling", ["MIB", "mib", "MiB", "Mib"])
 def test_method_names_are_case_insensitive(spelling):
     assert parse_options(["--method", spelling]).method == "MiB"
