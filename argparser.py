@@ -14,6 +14,7 @@ import os
 import sys
 
 import tasks
+from utils.errors import UserError
 
 # Method presets of the original, applied after parsing (they overwrite these options).
 METHOD_PRESETS = {
@@ -36,7 +37,7 @@ IGNORED_BY_ORIGINAL = {
 }
 
 
-class OptionError(ValueError):
+class OptionError(UserError, ValueError):
     """An impossible or contradictory command line; the message says what to do."""
 
 

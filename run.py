@@ -21,6 +21,7 @@ import tasks
 from utils import distributed
 from utils.checkpoint import (CheckpointError, atomic_torch_save, load_trusted,
                               step_checkpoint_path)
+from utils.errors import RunError, UserError
 from utils.manifest import Manifest
 from dataset.factory import index_folder as dataset_index_folder
 
@@ -36,20 +37,6 @@ FINGERPRINT_KEYS = (
     "reg_iterations", "fix_bn", "freeze", "random_seed", "cross_val", "train_void_as_ignore",
     "amp", "no_pretrained",
 )
-
-
-class RunError(RuntimeError):
-    """A problem with the run's inputs or files, reported in one line."""
-
-
-def user_error_types():
-    """Exceptions that mean "bad input": one line and exit code 1 instead of a traceback."""
-    from dataset.errors import DatasetError
-    from modules.norm import NormImplError
-    from train import NonFiniteLossError
-    from utils.results import ResultsError
-    return (RunError, CheckpointError, argparser.OptionError, tasks.TaskError, DatasetError,
-            NonFiniteLossError, ResultsError, NormImplError)
 
 
 # --- setup helpers --------------------------------------------------------------------------
@@ -393,15 +380,19 @@ def _check_writable(folder):
                        "folder (--checkpoint_dir / --logdir)")
 
 
+def fingerprint_changes(recorded, opts, world_size):
+    """``option: before -> now`` for every option that differs from a recorded fingerprint."""
+    now = fingerprint(opts, world_size)
+    return [f"{k}: {recorded.get(k)!r} -> {now[k]!r}" for k in now if recorded.get(k) != now[k]]
+
+
 def check_resumable(ckpt, path, opts, world_size):
     meta = ckpt.get("meta")
     if meta is None or meta.get("format") != CHECKPOINT_FORMAT:
         raise RunError(f"{path} exists but has no record of the run that wrote it (made by "
                        "the original code?); pass --ckpt to resume from it, or --resume never "
                        "to train from scratch and replace it")
-    now = fingerprint(opts, world_size)
-    diff = [f"{k}: {meta['fingerprint'].get(k)!r} -> {now[k]!r}" for k in now
-            if meta["fingerprint"].get(k) != now[k]]
+    diff = fingerprint_changes(meta["fingerprint"], opts, world_size)
     if diff:
         raise RunError(f"{path} is an unfinished run with other options ({'; '.join(diff)}); "
                        "rerun with the same options to resume it, or with --resume never to "
@@ -647,12 +638,11 @@ def main(argv=None):
     except argparser.OptionError as e:
         argparser.main_error(str(e))
     ctx = distributed.setup(opts.device, opts.local_rank)
-    errors = user_error_types()
     try:
         resolve_runtime_options(opts, ctx.device)
         for s in opts.steps:
             run_step(options_for_step(opts, s), ctx)
-    except errors as e:
+    except UserError as e:
         if opts.debug:
             raise
         argparser.main_error(str(e))

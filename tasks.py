@@ -9,6 +9,8 @@ Public helpers keep the original names and signatures:
 ``get_task_labels(dataset, name, step)``, ``get_per_task_classes(dataset, name, step)``
 and ``get_task_list()``.
 """
+from utils.errors import UserError
+
 
 
 def span(first, last):
@@ -217,7 +219,7 @@ ALIASES = {
 CLASS_NAMES = {"voc": VOC_CLASS_NAMES, "ade": ADE_CLASS_NAMES}
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """A dataset, task or step that does not exist; the message lists the valid ones."""
 
 

@@ -21,11 +21,12 @@ from utils.loss import (EncoderDistillationLoss, IcarlDistillationLoss, IcarlLos
                         KnowledgeDistillationLoss, UnbiasedKnowledgeDistillationLoss,
                         make_main_criterion)
 from utils.regularizer import get_regularizer
+from utils.errors import UserError
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The training loss became NaN or infinite."""
 
 

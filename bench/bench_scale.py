@@ -32,6 +32,7 @@ for _path in (ROOT, os.path.join(ROOT, "bench")):
         sys.path.insert(0, _path)
 
 import common  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 EPOCH_LINE = re.compile(r"End of Epoch \d+/\d+.*\(([0-9.]+) s\)")
 TRAIN_SET = re.compile(r"train set: (\d+)")
@@ -161,7 +162,7 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     try:
         device = common.resolve_device(args.device)
-    except common.BenchError as e:
+    except UserError as e:
         sys.stderr.write(f"error: {e}\n")
         return 1
     args.device = device.type

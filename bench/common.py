@@ -21,6 +21,7 @@ for _path in (ROOT, BENCH):
         sys.path.insert(0, _path)
 
 import torch  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,7 +44,7 @@ MEMORY_KIND = {
 }
 
 
-class BenchError(RuntimeError):
+class BenchError(UserError, RuntimeError):
     """A benchmark cannot run with the options given; the message says what to do."""
 
 

@@ -42,6 +42,7 @@ import bench_data  # noqa: E402
 import bench_model  # noqa: E402
 import bench_train  # noqa: E402
 import common  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 SECTIONS = ("data", "train", "methods", "eval", "plain")
 GPU_BATCHES = "8,16,32,48,64"
@@ -432,7 +433,7 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     try:
         s = settings(args)
-    except common.BenchError as e:
+    except UserError as e:
         sys.stderr.write(f"error: {e}\n")
         return 1
     common.set_threads(args.threads)

@@ -1,4 +1,6 @@
 """Errors of the data layer. Each carries one line that says what is wrong and what to do."""
+from utils.errors import UserError
+
 
 
 def _last_line(text, cls):
@@ -12,7 +14,7 @@ def _last_line(text, cls):
     return last
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """Base class: the data cannot be used as asked (the entry point prints the message).
 
     A DataLoader re-raises a worker's exception in the main process with the worker's

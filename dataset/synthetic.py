@@ -31,6 +31,7 @@ from PIL import Image
 
 import tasks
 from utils.checkpoint import atomic_write_text
+from utils.errors import UserError
 
 from .errors import DatasetError
 
@@ -304,7 +305,7 @@ def main(argv=None):
     try:
         folder = generate(args.dataset, args.data_root, args.n_train, args.n_val, args.size,
                           args.seed)
-    except (DatasetError, ValueError) as e:
+    except (UserError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     elapsed = time.time() - start

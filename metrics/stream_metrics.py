@@ -3,6 +3,7 @@ them (same result keys, same formulas, ``'X'`` for classes absent from the groun
 import numpy as np
 import torch
 import torch.distributed as dist
+from utils.errors import UserError
 
 __all__ = ["StreamSegMetrics", "MetricsError"]
 
@@ -10,7 +11,7 @@ EPS = 1e-6
 _PER_CLASS_KEYS = ("Class IoU", "Class Acc", "Confusion Matrix")
 
 
-class MetricsError(ValueError):
+class MetricsError(UserError, ValueError):
     """The metrics were given labels or predictions they cannot count."""
 
 

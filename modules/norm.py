@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from utils.errors import UserError
 
 EPS = 1e-5
 MOMENTUM = 0.1
@@ -37,7 +38,7 @@ NORM_IMPLS = ("auto", "torch", "inplace_abn")
 ACTIVATIONS = ("leaky_relu", "identity")
 
 
-class NormImplError(RuntimeError):
+class NormImplError(UserError, RuntimeError):
     """An unknown norm variant, or an implementation that is not installed."""
 
 

@@ -198,3 +198,64 @@ def test_as_a_user_sees_it_one_line_no_traceback_and_debug_shows_it(in_trained):
     assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error: --test")
     out = run_entry(voc("data", "--name", "A", "--step", "1", "--test", "--debug"), in_trained)
     assert out.returncode == 1 and "Traceback" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_pi(trained):
+    """Step 0 of 15-5 trained with --method PI (name P), beside name A."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(trained)
+        run.main(voc("data", "--name", "P", "--step", "0", "--method", "PI"))
+    return trained
+
+
+def test_another_regulariser_at_step1_is_one_line(trained_pi, monkeypatch, capsys):
+    monkeypatch.chdir(trained_pi)
+    fails_with(voc("data", "--name", "P", "--step", "1", "--method", "EWC"),
+               "run every step with the same --method", capsys, trained_pi)
+
+
+def _user_error_classes():
+    """Every user-facing error class of the project (its modules imported first; the
+    benchmarks have entry points of their own)."""
+    import importlib
+    from pathlib import Path
+
+    from utils.errors import UserError
+    root = Path(run.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.parts[0] in (".venv", "tests", "bench") or path.name.startswith("_"):
+            continue
+        importlib.import_module(".".join(rel.with_suffix("").parts))
+    found, todo = set(), [UserError]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub not in found:
+                found.add(sub)
+                todo.append(sub)
+    return sorted(found, key=lambda c: (c.__module__, c.__name__))
+
+
+USER_ERRORS = _user_error_classes()
+
+
+def test_every_known_error_is_a_user_error():
+    names = {c.__name__ for c in USER_ERRORS}
+    assert {"RunError", "CheckpointError", "OptionError", "TaskError", "DatasetError",
+            "NonFiniteLossError", "ResultsError", "NormImplError", "RegularizerError",
+            "LossError", "MetricsError"} <= names
+
+
+@pytest.mark.parametrize("error", USER_ERRORS, ids=lambda c: f"{c.__module__}.{c.__name__}")
+def test_every_user_error_is_one_line_through_run_main(in_trained, capsys, monkeypatch, error):
+    """Raised in the middle of training (a rerun from scratch of the finished step 0):
+    one line, exit code 1, the finished step's files untouched."""
+    import train
+
+    def fail(*args, **kwargs):
+        raise error(f"simulated {error.__name__}; do what the message says")
+
+    monkeypatch.setattr(train.Trainer, "train", fail)
+    fails_with(voc("data", "--name", "A", "--step", "0", "--resume", "never"),
+               f"simulated {error.__name__}", capsys, in_trained)

@@ -32,11 +32,12 @@ from modules.resnet import RESNET_STRUCTURES  # noqa: E402
 from segmentation_module import (PREFIX, add_module_prefix,  # noqa: E402
                                  strip_module_prefix)
 from utils.checkpoint import CheckpointError, atomic_torch_save, load_trusted  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 MODEL_ENTRIES = ("model_state", "state_dict")
 
 
-class ConvertError(RuntimeError):
+class ConvertError(UserError, RuntimeError):
     """Bad arguments or a file this tool cannot work on."""
 
 
@@ -176,7 +177,7 @@ def run(argv=None, out=sys.stdout):
 def main(argv=None):
     try:
         run(argv)
-    except (ConvertError, CheckpointError) as e:
+    except UserError as e:
         print(f"convert_checkpoint: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -25,6 +25,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from tools import experiment as ex  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 METHODS = ("FT", "MiB")
 # Sized to finish in a few minutes on 2 CPU cores; see bench/bench_methods.py for all methods.
@@ -118,6 +119,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except ex.ExperimentError as e:
+    except UserError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)

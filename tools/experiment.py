@@ -35,6 +35,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from utils.checkpoint import CheckpointError, read_json, step_checkpoint_path  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 TASK = "15-5"
 DATASET = "voc"
@@ -49,7 +50,7 @@ _BAR = re.compile(r"^epoch (\d+):\s*\d+%\|[^|]*\|\s*(\d+)/(\d+) \[")   # the tra
 _END_OF_EPOCH = re.compile(r"End of Epoch (\d+)/(\d+)")
 
 
-class ExperimentError(RuntimeError):
+class ExperimentError(UserError, RuntimeError):
     """A run of the experiment failed; the message names its console log."""
 
 

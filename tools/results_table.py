@@ -37,6 +37,7 @@ if __package__ in (None, ""):          # run as a script: make the project impor
 
 import tasks  # noqa: E402
 from utils.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 from utils.results import (ResultsError, class_iou_figure, load_results,  # noqa: E402
                            new_figure)
 
@@ -48,7 +49,7 @@ STEP_FILE = re.compile(r"step-(\d+)\.json")
 MISSING = "–"
 
 
-class TableError(ValueError):
+class TableError(UserError, ValueError):
     """Nothing to tabulate, or runs that cannot be told apart."""
 
 
@@ -462,7 +463,7 @@ def main(argv=None):
                 out_dir, f"class_iou_{re.sub(r'[^A-Za-z0-9_.-]+', '_', str(doc['name']))}"
                          f"_step{doc['step']}.png"))
             sys.stderr.write(f"plot: {path}\n")
-    except (TableError, ResultsError, CheckpointError) as e:
+    except UserError as e:
         sys.stderr.write(f"error: {e}\n")
         return 1
     return 0

@@ -8,6 +8,7 @@ import os
 import tempfile
 
 import torch
+from .errors import UserError
 
 # mkstemp creates files readable by the owner only; give them the usual permissions
 _UMASK = os.umask(0)
@@ -15,7 +16,7 @@ os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, unreadable or belongs to another run."""
 
 

@@ -18,6 +18,7 @@ against it keeps working. Conventions shared by every term here:
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from .errors import UserError
 
 __all__ = [
     "LossError", "PixelCrossEntropy", "UnbiasedCrossEntropy", "KnowledgeDistillationLoss",
@@ -28,7 +29,7 @@ __all__ = [
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-class LossError(ValueError):
+class LossError(UserError, ValueError):
     """A loss was given inputs it is not defined for."""
 
 

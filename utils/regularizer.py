@@ -21,6 +21,7 @@ the penalty is disabled, a 0-dim tensor otherwise).
 import logging
 
 import torch
+from .errors import UserError
 
 __all__ = ["RegularizerError", "EWC", "PI", "RW", "get_regularizer", "normalize_fn",
            "PREFIX", "FULL_STATE_FORMAT"]
@@ -32,7 +33,7 @@ FULL_STATE_FORMAT = "full-1"
 _EPS_NORM = 1e-8
 
 
-class RegularizerError(RuntimeError):
+class RegularizerError(UserError, RuntimeError):
     """A regulariser cannot work with the model, gradients or state it was given."""
 
 

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 from metrics.summaries import summarize_iou
 from utils.checkpoint import atomic_write_text
+from .errors import UserError
 
 __all__ = ["RESULTS_FORMAT", "REQUIRED_KEYS", "ResultsError", "CSV_COLUMNS", "results_dir",
            "result_paths", "build_step_results", "write_step_results", "load_results",
@@ -30,7 +31,7 @@ REQUIRED_KEYS = ("task", "dataset", "step", "name", "method", "seed", "opts", "l
 CSV_COLUMNS = ("class_index", "label_id", "class_name", "step_introduced", "iou", "accuracy")
 
 
-class ResultsError(ValueError):
+class ResultsError(UserError, ValueError):
     """A results file that is missing or damaged, or metrics that do not fit the task."""
 
 
