@@ -210,6 +210,8 @@ class Step:
         if opts.resume == "never":
             return "fresh"
         if manifest.check_finished_checkpoint(opts.step):
+            check_finished_with_same_options(manifest, opts.step, self.ckpt_path, opts,
+                                             self.ctx.world_size)
             return "done"
         if os.path.isfile(self.ckpt_path):
             return "auto"
@@ -399,6 +401,22 @@ def check_resumable(ckpt, path, opts, world_size):
                        "start over and replace it")
 
 
+def check_finished_with_same_options(manifest, step, path, opts, world_size):
+    """A finished step is skipped only when it was trained with the options given now."""
+    recorded = manifest.entry(step).get("fingerprint")
+    if recorded is None:      # a manifest written before fingerprints were recorded
+        recorded = ((load_trusted(path, "checkpoint").get("meta") or {})
+                    .get("fingerprint"))
+    if recorded is None:
+        return
+    diff = fingerprint_changes(recorded, opts, world_size)
+    if diff:
+        raise RunError(f"step {step} of {opts.task_name}/{opts.name} finished with other "
+                       f"options ({'; '.join(diff)}); rerun with --resume never to train it "
+                       "again with these options (its checkpoint and results are replaced), "
+                       "or choose another --name")
+
+
 def run_step(opts, ctx):
     """Train and test one step. Returns the test results (rank 0) or None when skipped."""
     from metrics import StreamSegMetrics
@@ -469,7 +487,8 @@ def run_step(opts, ctx):
             summary = {"mean_iou": float(results["Mean IoU"]),
                        "overall_acc": float(results["Overall Acc"])}
             if plan != "test":
-                manifest.mark_finished(opts.step, step.ckpt_path, summary)
+                manifest.mark_finished(opts.step, step.ckpt_path, summary,
+                                       fingerprint=fingerprint(opts, ctx.world_size))
         distributed.barrier()
         return results
     finally:

@@ -200,6 +200,20 @@ def test_as_a_user_sees_it_one_line_no_traceback_and_debug_shows_it(in_trained):
     assert out.returncode == 1 and "Traceback" in out.stderr
 
 
+def test_finished_step_rerun_with_other_options_is_not_skipped(in_trained, capsys):
+    line = fails_with(voc("data", "--name", "A", "--step", "0", "--epochs", "2"),
+                      "step 0 of 15-5-voc/A finished with other options (epochs: 1 -> 2)",
+                      capsys, in_trained)
+    assert "--resume never" in line and "another --name" in line
+
+
+def test_finished_step_rerun_with_the_same_options_is_skipped(in_trained, capsys):
+    before = snapshot(in_trained)
+    run.main(voc("data", "--name", "A", "--step", "0"))
+    assert "is already finished" in capsys.readouterr().err
+    assert {k: v for k, v in snapshot(in_trained).items() if k in before} == before
+
+
 @pytest.fixture(scope="module")
 def trained_pi(trained):
     """Step 0 of 15-5 trained with --method PI (name P), beside name A."""

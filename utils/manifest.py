@@ -41,16 +41,13 @@ class Manifest:
                 f"{self.path}); restore it, or rerun with --resume never to train the step again")
         return True
 
-    def mark_finished(self, step, checkpoint, summary=None):
+    def mark_finished(self, step, checkpoint, summary=None, fingerprint=None):
         self.data["steps"][str(step)] = {
             "status": "finished",
             "checkpoint": checkpoint,
             "sha256": sha256_of(checkpoint),
             "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
             "summary": summary or {},
+            "fingerprint": fingerprint,
         }
         atomic_write_json(self.path, self.data)
-
-    def forget(self, step):
-        if self.data["steps"].pop(str(step), None) is not None:
-            atomic_write_json(self.path, self.data)
