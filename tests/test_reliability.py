@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -71,22 +70,30 @@ def test_changed_checkpoint_of_a_finished_step_is_not_skipped_silently(synthetic
     assert e.value.code == 1
 
 
-def _launch(args, cwd, stderr_path):
+# run.py, but the process kills itself with SIGKILL when step 1 starts its epoch 1, that is
+# right after the checkpoint of its epoch 0: a crash at a fixed point, whatever the speed
+KILLED_AT_STEP1_EPOCH1 = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import train
+real_train = train.Trainer.train
+def train_or_die(self, epoch, *args, **kwargs):
+    if self.model_old is not None and epoch == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_train(self, epoch, *args, **kwargs)
+train.Trainer.train = train_or_die
+import run
+run.main(sys.argv[1:])
+"""
+
+
+def _run(args, cwd, stderr_path, kill_at_step1_epoch1=False):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    entry = (["-c", KILLED_AT_STEP1_EPOCH1.format(root=str(ROOT))] if kill_at_step1_epoch1
+             else [str(ROOT / "run.py")])
     with open(stderr_path, "w") as err:
-        return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *map(str, args)],
-                                cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
-
-
-def _wait_for(path, text, proc, timeout=600):
-    start = time.time()
-    while time.time() - start < timeout:
-        if text in path.read_text():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before '{text}':\n{path.read_text()[-3000:]}")
-        time.sleep(0.05)
-    raise AssertionError(f"'{text}' never appeared")
+        return subprocess.run([sys.executable, *entry, *map(str, args)], cwd=cwd, env=env,
+                              stdout=subprocess.DEVNULL, stderr=err, timeout=900).returncode
 
 
 @pytest.mark.slow
@@ -96,21 +103,16 @@ def test_sigkill_during_step1_then_rerun_reaches_the_same_figures(synthetic_voc,
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     reference.mkdir()
     killed.mkdir()
-    proc = _launch(args, reference, tmp_path / "reference.err")
-    assert proc.wait(timeout=900) == 0, (tmp_path / "reference.err").read_text()[-3000:]
+    assert _run(args, reference, tmp_path / "reference.err") == 0, \
+        (tmp_path / "reference.err").read_text()[-3000:]
 
-    log = tmp_path / "killed.err"
-    proc = _launch(args, killed, log)
-    # kill while step 1 trains its epoch 1, after the checkpoint of its epoch 0
-    _wait_for(log, "Checkpoint saved: checkpoints/step/15-5-voc_K_1.pth", proc)
-    time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    code = _run(args, killed, tmp_path / "killed.err", kill_at_step1_epoch1=True)
+    assert code == -signal.SIGKILL, (tmp_path / "killed.err").read_text()[-3000:]
     interrupted = torch.load(killed / "checkpoints/step/15-5-voc_K_1.pth", weights_only=False)
     assert interrupted["epoch"] == 0
 
-    proc = _launch(args, killed, tmp_path / "resumed.err")
-    assert proc.wait(timeout=900) == 0, (tmp_path / "resumed.err").read_text()[-3000:]
+    assert _run(args, killed, tmp_path / "resumed.err") == 0, \
+        (tmp_path / "resumed.err").read_text()[-3000:]
     resumed_log = (tmp_path / "resumed.err").read_text()
     assert "step 0 of 15-5-voc/K is already finished" in resumed_log
     assert "continuing at epoch 1 of 2" in resumed_log
