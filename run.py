@@ -65,25 +65,6 @@ def set_seeds(seed):
     random.seed(seed)
 
 
-def main_first(fn, ctx):
-    """Run ``fn`` on rank 0 first (it writes the index caches), then on the other ranks;
-    an error on rank 0 stops every rank instead of leaving them waiting."""
-    result, error = None, None
-    if ctx.is_main:
-        try:
-            result = fn()
-        except Exception as e:  # re-raised below on every rank
-            error = e
-    failed = distributed.broadcast_object(None if error is None else str(error))
-    if error is not None:
-        raise error
-    if failed is not None:
-        raise RunError(f"rank 0 failed: {failed}")
-    if not ctx.is_main:
-        result = fn()
-    return result
-
-
 def make_optimizer(model, opts):
     """SGD with Nesterov momentum; groups body, head, classifiers (REFERENCE §9)."""
     groups = []
@@ -230,8 +211,8 @@ class Step:
 
         set_seeds(opts.random_seed)
         from dataset.factory import get_dataset
-        self.train_dst, self.val_dst, self.test_dst, self.n_classes = main_first(
-            lambda: get_dataset(opts, rank=ctx.rank), ctx)
+        self.train_dst, self.val_dst, self.test_dst, self.n_classes = distributed.main_first(
+            lambda: get_dataset(opts, rank=ctx.rank))
         random.seed(opts.random_seed)  # the dataset build may have used the generator
         logger.info(f"Dataset: {opts.dataset}, train set: {len(self.train_dst)}, "
                     f"val set: {len(self.val_dst)}, test set: {len(self.test_dst)}, "
@@ -483,13 +464,12 @@ def run_step(opts, ctx):
             test_path = step.ckpt_path
             trainer = None
         results = test_phase(step, test_path, StreamSegMetrics)
-        if ctx.is_main:
+        if plan != "test":
             summary = {"mean_iou": float(results["Mean IoU"]),
                        "overall_acc": float(results["Overall Acc"])}
-            if plan != "test":
-                manifest.mark_finished(opts.step, step.ckpt_path, summary,
-                                       fingerprint=fingerprint(opts, ctx.world_size))
-        distributed.barrier()
+            distributed.on_main(lambda: manifest.mark_finished(
+                opts.step, step.ckpt_path, summary,
+                fingerprint=fingerprint(opts, ctx.world_size)))
         return results
     finally:
         if step.logger is not None:  # also when build() failed half-way: detach its handlers
@@ -544,15 +524,9 @@ def train_epochs(step, trainer, start_epoch, best_score, val_results, sample_ids
         if (epoch + 1) % opts.ckpt_interval == 0:
             save = True
         if save:
-            if ctx.is_main:
-                atomic_torch_save(step.checkpoint(epoch, score, trainer, val_results),
-                                  step.ckpt_path)
-                logger.info(f"[!] Checkpoint saved: {step.ckpt_path}")
+            save_checkpoint(step, epoch, score, trainer, val_results)
             last_saved = (step.ckpt_path, epoch)
-    if ctx.is_main:
-        atomic_torch_save(step.checkpoint(opts.epochs, best_score, trainer, val_results),
-                          step.ckpt_path)
-        logger.info(f"[!] Checkpoint saved: {step.ckpt_path}")
+    save_checkpoint(step, opts.epochs, best_score, trainer, val_results)
     if trainer.skipped_batches:
         logger.warning(f"{trainer.skipped_batches} batches skipped for a non-finite loss")
     if trainer.scaler_skipped_steps:
@@ -561,6 +535,14 @@ def train_epochs(step, trainer, start_epoch, best_score, val_results, sample_ids
     distributed.barrier()
     step.val_results = val_results
     return val_results
+
+
+def save_checkpoint(step, epoch, score, trainer, val_results):
+    """Rank 0 writes the step's checkpoint; a failure stops every process."""
+    def save():
+        atomic_torch_save(step.checkpoint(epoch, score, trainer, val_results), step.ckpt_path)
+        step.logger.info(f"[!] Checkpoint saved: {step.ckpt_path}")
+    distributed.on_main(save)
 
 
 def log_validation(step, epoch, val_loss, val_score, samples, sample_ids):
@@ -618,8 +600,7 @@ def test_phase(step, path, metrics_cls):
     logger.add_scalar("T_Overall_Acc", results["Overall Acc"], opts.step)
     logger.add_scalar("T_MeanIoU", results["Mean IoU"], opts.step)
     logger.add_scalar("T_MeanAcc", results["Mean Acc"], opts.step)
-    if ctx.is_main:
-        write_results(step, results)
+    distributed.on_main(lambda: write_results(step, results))
     logger.flush()
     return results
 

@@ -160,3 +160,23 @@ def test_two_processes_on_gloo_synchronise_metrics(synthetic_voc, workdir, launc
     # the 23 test images are split over 2 processes and padded to 24, then summed on rank 0
     assert r["n_images"] == 24
     assert len(list((workdir / "checkpoints/step").glob("*.pth"))) == 1
+
+
+@pytest.mark.distributed
+def test_a_failure_on_rank0_alone_stops_the_other_rank_promptly(synthetic_voc, workdir):
+    """Rank 0 cannot write the result files (a file stands where their folder goes); rank
+    1 must stop with the same message instead of waiting in a collective until the
+    process-group timeout (30 minutes; the subprocess timeout would fail the test)."""
+    blocked = workdir / "logs/15-5-voc/R/results"
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("not a folder")
+    out = run_entry(voc_args(synthetic_voc, "--name", "R", "--step", "0"), workdir,
+                    launcher=["-m", "torch.distributed.run", "--nproc_per_node=2",
+                              f"--master_port={free_port()}"], timeout=300)
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if "error:" in line]
+    assert any("cannot write" in line and "rank 0 failed" not in line for line in errors), \
+        out.stderr[-3000:]
+    assert any("stopped because rank 0 failed: cannot write" in line for line in errors), \
+        out.stderr[-3000:]
+    assert blocked.read_text() == "not a folder"

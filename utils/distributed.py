@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import RunError
+
 
 @dataclass
 class DistContext:
@@ -90,3 +92,35 @@ def any_process(flag, device):
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def _shared_outcome(run_here, fn):
+    """Run ``fn`` where ``run_here``; every process learns whether it failed on rank 0."""
+    result, error = None, None
+    if run_here:
+        try:
+            result = fn()
+        except Exception as e:  # re-raised below, on every process
+            error = e
+    failed = broadcast_object(None if error is None else (str(error).strip().splitlines()
+                                                          or [type(error).__name__])[-1])
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise RunError(f"stopped because rank 0 failed: {failed}")
+    return result
+
+
+def on_main(fn):
+    """``fn()`` on rank 0 only (writing files); a failure there stops every process with
+    its message instead of leaving the others waiting in the next collective."""
+    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    return _shared_outcome(is_main, fn)
+
+
+def main_first(fn):
+    """``fn()`` on rank 0 first (it writes the index caches), then on the other ranks; a
+    failure on rank 0 stops every process."""
+    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    result = _shared_outcome(is_main, fn)
+    return fn() if not is_main else result
