@@ -19,8 +19,8 @@ import torch
 import argparser
 import tasks
 from utils import distributed
-from utils.checkpoint import (CheckpointError, atomic_torch_save, load_trusted,
-                              step_checkpoint_path)
+from utils.checkpoint import (CheckpointError, atomic_torch_save, classes_in_state,
+                              load_trusted, step_checkpoint_path)
 from utils.errors import RunError, UserError
 from utils.manifest import Manifest
 from dataset.factory import index_folder as dataset_index_folder
@@ -107,16 +107,6 @@ def restore_rng_states(states):
     torch.set_rng_state(states["torch"])
     if states.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def classes_in_state(model_state):
-    """Classes per step of a checkpoint, read from the shapes of ``cls.<k>.weight``."""
-    sizes = {}
-    for key, value in model_state.items():
-        parts = key.split(".")
-        if len(parts) >= 3 and parts[-3] == "cls" and parts[-1] == "weight":
-            sizes[int(parts[-2])] = int(value.shape[0])
-    return [sizes[k] for k in sorted(sizes)]
 
 
 def check_checkpoint_fits(ckpt, path, opts, classes, what):
@@ -615,7 +605,6 @@ def write_results(step, results):
         step=opts.step, name=opts.name, method=opts.method, seed=opts.random_seed, opts=options,
         labels_per_step=tasks.get_task_dict(opts.dataset, opts.task, opts.step),
         results=results)
-    step.results_doc = json_path
     logger.info(f"Results written to {json_path} and {csv_path}")
     if logger.writer is not None:
         from utils.results import load_results

@@ -12,11 +12,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modules import DeeplabV3, is_norm_layer, make_resnet, norm_act_factory
-from utils.checkpoint import CheckpointError, load_trusted  # noqa: F401  (re-exported)
+from utils.checkpoint import PREFIX, CheckpointError, load_trusted  # noqa: F401  (re-exported)
 from utils.compile import CompiledWithFallback
 
 HEAD_CHANNELS = 256
-PREFIX = "module."
 IMAGENET_CLASSIFIER_KEYS = ("classifier.fc.weight", "classifier.fc.bias")
 
 

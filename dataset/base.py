@@ -118,10 +118,6 @@ class IncrementalSegmentation(data.Dataset):
     def __len__(self):
         return len(self.indices)
 
-    def image_path(self, index):
-        """Image file of item ``index`` (for messages and sample pictures)."""
-        return self.base.images[self.indices[index]][0]
-
 
 def layout_message(what, path, script, root):
     """The one-line message for a missing part of a dataset tree."""

@@ -133,13 +133,11 @@ class StreamSegMetrics:
     def confusion_matrix_figure(self, hist=None):
         """The row-normalised confusion matrix as a matplotlib figure (Agg canvas, not
         registered with pyplot, so it is freed when no longer referenced)."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        from utils.figures import new_figure
 
         hist = self.confusion_matrix if hist is None else hist
         normalised = hist / (hist.sum(axis=1) + 1e-6)[:, np.newaxis]
-        fig = Figure()
-        FigureCanvasAgg(fig)
+        fig = new_figure()
         ax = fig.subplots()
         image = ax.imshow(normalised, interpolation="nearest", cmap="Blues")
         fig.colorbar(image, ax=ax)

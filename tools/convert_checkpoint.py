@@ -31,7 +31,8 @@ import torch  # noqa: E402
 from modules.resnet import RESNET_STRUCTURES  # noqa: E402
 from segmentation_module import (PREFIX, add_module_prefix,  # noqa: E402
                                  strip_module_prefix)
-from utils.checkpoint import CheckpointError, atomic_torch_save, load_trusted  # noqa: E402
+from utils.checkpoint import (CheckpointError, atomic_torch_save,  # noqa: E402
+                              classes_in_state, load_trusted)
 from utils.errors import UserError  # noqa: E402
 
 MODEL_ENTRIES = ("model_state", "state_dict")
@@ -58,16 +59,6 @@ def prefix_form(state):
     if prefixed == len(state):
         return "prefixed"
     return "unprefixed" if prefixed == 0 else f"mixed ({prefixed} of {len(state)} prefixed)"
-
-
-def classes_per_step(state):
-    """Output channels of ``cls.<k>.weight`` for k = 0, 1, ... (empty for a body-only file)."""
-    found = {}
-    for key, value in strip_module_prefix(state).items():
-        match = re.fullmatch(r"cls\.(\d+)\.weight", key)
-        if match:
-            found[int(match.group(1))] = int(value.shape[0])
-    return [found[k] for k in sorted(found)]
 
 
 def infer_backbone(state):
@@ -106,7 +97,7 @@ def describe(checkpoint, path, list_keys=False):
     lines.append(f"model keys: {len(state)} in {entry!r} "
                  f"({sum(t.numel() for t in tensors):,} values), {prefix_form(state)}")
     lines.append(f"backbone: {infer_backbone(state) or 'unknown layout'}")
-    steps = classes_per_step(state)
+    steps = classes_in_state(state)
     if steps:
         lines.append(f"classes per step: {steps} (total {sum(steps)}, steps 0..{len(steps) - 1})")
     else:

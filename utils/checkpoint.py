@@ -16,6 +16,11 @@ os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK
 
 
+# every state-dict key in a checkpoint file carries the prefix of the DDP wrapper the
+# original saves through
+PREFIX = "module."
+
+
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, unreadable or belongs to another run."""
 
@@ -91,6 +96,18 @@ def sha256_of(path, chunk=1 << 20):
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def classes_in_state(model_state):
+    """Classes per step of a model state dict, read from the shapes of ``cls.<k>.weight``
+    (keys with or without ``module.``; empty for a body-only file)."""
+    sizes = {}
+    for key, value in model_state.items():
+        parts = key.split(".")
+        if len(parts) >= 3 and parts[-3] == "cls" and parts[-1] == "weight" and \
+                parts[-2].isdigit():
+            sizes[int(parts[-2])] = int(value.shape[0])
+    return [sizes[k] for k in sorted(sizes)]
 
 
 def step_checkpoint_path(checkpoint_dir, task_name, name, step):

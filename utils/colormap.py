@@ -1,8 +1,7 @@
 """Colour maps for sample images: the PASCAL VOC palette and a fixed palette for ADE20K."""
 import numpy as np
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
-IMAGENET_STD = np.array([0.229, 0.224, 0.225])
+from dataset.transform import IMAGENET_MEAN, IMAGENET_STD
 
 
 def voc_cmap(n=256):
@@ -36,7 +35,8 @@ def colormap(dataset):
 
 def denormalize(image_chw):
     """Normalised float CHW image -> uint8 CHW in 0..255."""
-    img = image_chw * IMAGENET_STD[:, None, None] + IMAGENET_MEAN[:, None, None]
+    mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
+    img = image_chw * std[:, None, None] + mean[:, None, None]
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 

@@ -79,13 +79,6 @@ class Logger:
         if self.is_main:
             self._log.warning(msg)
 
-    def error(self, msg):
-        self._log.error(msg)
-
-    def print(self, msg):
-        """Emitted by every rank (the original's print level)."""
-        self._log.info(msg)
-
     # --- TensorBoard ----------------------------------------------------------------------
     def _tag(self, tag):
         return f"{tag}/{self.step}" if self.step is not None else tag

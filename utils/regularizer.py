@@ -21,6 +21,7 @@ the penalty is disabled, a 0-dim tensor otherwise).
 import logging
 
 import torch
+from .checkpoint import PREFIX
 from .errors import UserError
 
 __all__ = ["RegularizerError", "EWC", "PI", "RW", "get_regularizer", "normalize_fn",
@@ -28,7 +29,6 @@ __all__ = ["RegularizerError", "EWC", "PI", "RW", "get_regularizer", "normalize_
 
 logger = logging.getLogger(__name__)
 
-PREFIX = "module."
 FULL_STATE_FORMAT = "full-1"
 _EPS_NORM = 1e-8
 

@@ -17,9 +17,10 @@ from collections.abc import Mapping
 
 from metrics.summaries import summarize_iou
 from utils.checkpoint import atomic_write_text
+from utils.figures import new_figure
 from .errors import UserError
 
-__all__ = ["RESULTS_FORMAT", "REQUIRED_KEYS", "ResultsError", "CSV_COLUMNS", "results_dir",
+__all__ = ["RESULTS_FORMAT", "REQUIRED_KEYS", "ResultsError", "CSV_COLUMNS",
            "result_paths", "build_step_results", "write_step_results", "load_results",
            "class_iou_figure", "new_figure"]
 
@@ -33,11 +34,6 @@ CSV_COLUMNS = ("class_index", "label_id", "class_name", "step_introduced", "iou"
 
 class ResultsError(UserError, ValueError):
     """A results file that is missing or damaged, or metrics that do not fit the task."""
-
-
-def results_dir(logdir, task_name, name):
-    """``<logdir>/<task>-<dataset>/<name>/results``, beside the run's TensorBoard logs."""
-    return os.path.join(logdir, task_name, name, "results")
 
 
 def result_paths(results_dir, step):
@@ -236,16 +232,6 @@ def load_results(path):
         raise ResultsError(f"results file {path} lacks the keys {', '.join(missing)}; it was "
                            f"not written by this project's run.py ({rerun})")
     return doc
-
-
-def new_figure(size):
-    """A matplotlib figure on the Agg canvas, not registered with pyplot (no display needed,
-    freed when no longer referenced)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=size)
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def class_iou_figure(doc):
