@@ -312,7 +312,7 @@ def apply_method_preset(opts, explicit=frozenset()):
 
 
 def _derive(opts):
-    """Derived options of the original (§4)."""
+    """Derived options of the original (docs/behaviour.md §2.4)."""
     opts.num_classes = {"voc": 21, "ade": 150}[opts.dataset]
     if not opts.visualize:
         opts.sample_num = 0

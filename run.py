@@ -66,7 +66,7 @@ def set_seeds(seed):
 
 
 def make_optimizer(model, opts):
-    """SGD with Nesterov momentum; groups body, head, classifiers (REFERENCE §9)."""
+    """SGD with Nesterov momentum; groups body, head, classifiers (docs/behaviour.md §7.1)."""
     groups = []
     if not opts.freeze:
         groups.append({"params": [p for p in model.body.parameters() if p.requires_grad],
@@ -134,7 +134,8 @@ def load_state_into(model, ckpt, path, strict, what):
 # --- the step -------------------------------------------------------------------------------
 
 class Step:
-    """Everything one incremental step needs, built in the original's order (§12.1)."""
+    """Everything one incremental step needs, built in the original's order
+    (docs/behaviour.md §10.1)."""
 
     def __init__(self, opts, ctx):
         self.opts = opts
@@ -232,7 +233,7 @@ class Step:
                            "lower --batch_size")
 
     def build_model(self, prev_ckpt=None):
-        """Current model (and old model at step>0), optimiser, scheduler (§12.1 6-10)."""
+        """Current model (and old model at step>0), optimiser, scheduler (§10.1 6-10)."""
         from segmentation_module import make_model
         opts = self.opts
         # weights overwritten by a checkpoint need no ImageNet file (same numbers)
@@ -468,7 +469,7 @@ def run_step(opts, ctx):
 
 def train_epochs(step, trainer, start_epoch, best_score, val_results, sample_ids,
                  resume_path=None):
-    """The epoch loop of §12.2: train, validate every --val_interval epochs, checkpoint."""
+    """The epoch loop of §10.2: train, validate every --val_interval epochs, checkpoint."""
     from metrics import StreamSegMetrics
     from train import NonFiniteLossError
     opts, ctx, logger = step.opts, step.ctx, step.logger
@@ -551,7 +552,7 @@ def log_validation(step, epoch, val_loss, val_score, samples, sample_ids):
 
 
 def test_phase(step, path, metrics_cls):
-    """Evaluate the trained checkpoint with a fresh model and a plain criterion (§12.8);
+    """Evaluate the trained checkpoint with a fresh model and a plain criterion (§10.8);
     ``--test`` goes through the same path, so it reproduces these figures exactly."""
     from segmentation_module import make_model
     from train import Trainer

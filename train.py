@@ -3,7 +3,7 @@
 A method is only a choice of loss terms and weights, read from the options: the main
 criterion (CE, unbiased CE or BCE), output distillation (KD or unbiased KD), encoder
 distillation, the iCaRL terms and a weight-importance regulariser. The order of operations
-within an iteration is the original's (REFERENCE §12.4):
+within an iteration is the original's (docs/behaviour.md §10.4):
 
     old-model forward (no grad) -> zero grads -> forward -> main + KD + DE + iCaRL
     -> backward (gradients averaged over processes by DDP)
@@ -47,7 +47,7 @@ class Trainer:
             self.old_classes = 0
         has_old = model_old is not None
 
-        # main criterion (§10.1): BCE first, then unbiased CE at step>0, else CE
+        # main criterion (§8.1): BCE first, then unbiased CE at step>0, else CE
         self.icarl_combined = opts.icarl and not opts.icarl_disjoint and has_old
         self.icarl_only_dist = opts.icarl and opts.icarl_disjoint and has_old
         if self.icarl_only_dist:
@@ -306,7 +306,7 @@ class Trainer:
         return {"regularizer": self.regularizer.state_dict() if self.regularizer_flag else None}
 
     def load_state_dict(self, state):
-        """Resume from an original-format trainer state (its quirks included, §11.5)."""
+        """Resume from an original-format trainer state (its quirks included, §9.5)."""
         if self.regularizer_flag and state.get("regularizer") is not None:
             self.regularizer.load_state_dict(state["regularizer"])
 

@@ -10,7 +10,7 @@ from argparser import OptionError, parse_options
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# option -> default of the original command line (spec: REFERENCE §2)
+# option -> default of the original command line (docs/behaviour.md §2.1)
 ORIGINAL_DEFAULTS = {
     "local_rank": 0, "random_seed": 42, "num_workers": 1, "data_root": "data", "dataset": "voc",
     "method": None, "epochs": 30, "fix_bn": False, "batch_size": 4, "crop_size": 512,
@@ -38,7 +38,7 @@ def test_every_original_option_and_default():
     opts = parse_options([])
     for key, value in ORIGINAL_DEFAULTS.items():
         assert getattr(opts, key) == value, key
-    # derived options (§4)
+    # derived options (§2.4)
     assert opts.num_classes == 21 and opts.task_name == "19-1-voc"
     assert opts.no_overlap and opts.no_cross_val and opts.steps == [0]
     assert parse_options(["--dataset", "ade", "--task", "100-50"]).num_classes == 150
@@ -132,7 +132,7 @@ def test_local_rank_from_environment(monkeypatch):
 def test_inverted_flags_keep_original_semantics():
     opts = parse_options(["--crop_val", "--visualize", "--sample_num", "3"])
     assert opts.crop_val is False and opts.visualize is False
-    assert opts.sample_num == 0  # no TensorBoard -> no samples (§4)
+    assert opts.sample_num == 0  # no TensorBoard -> no samples (§2.4)
     assert parse_options(["--full_image_eval"]).crop_val is False
 
 

@@ -24,7 +24,8 @@ def resnet50_keys():
 
 
 def _step_checkpoint(path, body_keys, classes=(16, 5)):
-    """A step checkpoint as the original writes it (§12.7); body tensors kept tiny."""
+    """A step checkpoint as the original writes it (docs/behaviour.md §10.7); body tensors
+    kept tiny."""
     state = OrderedDict((f"module.body.{k}", torch.zeros(1)) for k in body_keys)
     state["module.head.red_bn.weight"] = torch.ones(256)
     for k, n in enumerate(classes):

@@ -1,4 +1,4 @@
-"""Label remapping and masking (REFERENCE §6.4), value by value.
+"""Label remapping and masking (docs/behaviour.md §4.4), value by value.
 
 The mask below holds every kind of value for a step with old labels [7, 2] and current
 labels [3, 1]: order = [0, 7, 2, 3, 1], so idx(7)=1, idx(2)=2, idx(3)=3, idx(1)=4; 9 is a

@@ -1,4 +1,4 @@
-"""Image selection for a step (REFERENCE §6.3), pinned on hand-made masks.
+"""Image selection for a step (docs/behaviour.md §4.3), pinned on hand-made masks.
 
 Labels of the VOC tree below: old = {1, 2}, current = {3, 4}, future = {5}, 37 is not a VOC
 label. Which mask each rule keeps is worked out by hand from the rule's wording.

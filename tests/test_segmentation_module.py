@@ -74,7 +74,7 @@ def test_ret_intermediate_flag(model, flag, wanted):
 
 
 def test_init_new_classifier_known_numbers():
-    """FORMULAS §8: w_bg = [0.3, -0.2, 0.1], b_bg = 0.7, one old class, N = 2."""
+    """docs/behaviour.md §6.10: w_bg = [0.3, -0.2, 0.1], b_bg = 0.7, one old class, N = 2."""
     net = IncrementalSegmentationModule(nn.Identity(), nn.Identity(), 3, [2, 2])
     with torch.no_grad():
         net.cls[0].weight.copy_(torch.tensor([[0.3, -0.2, 0.1], [0.1, 0.4, -0.3]]).view(2, 3, 1, 1))
@@ -217,7 +217,7 @@ def test_checkpoint_state_is_prefixed_and_round_trips(model, tmp_path):
     assert all(k.startswith("module.") for k in state)
     assert "module.body.mod1.conv1.weight" in state and "module.cls.1.bias" in state
     assert not any(k.endswith("num_batches_tracked") for k in state)
-    # the original's step checkpoint (§12.7), read back as a user-named file
+    # the original's step checkpoint (§10.7), read back as a user-named file
     path = tmp_path / "15-5-voc_MiB_1.pth"
     torch.save({"epoch": 30, "model_state": state, "optimizer_state": {}, "scheduler_state": {},
                 "best_score": 0.5, "trainer_state": {"regularizer": None}}, path)

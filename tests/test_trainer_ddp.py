@@ -1,4 +1,4 @@
-"""Two processes on gloo with DistributedDataParallel (REFERENCE §11, §12.10): the
+"""Two processes on gloo with DistributedDataParallel (docs/behaviour.md §9, §10.10): the
 gradient the optimiser applies is the average of the two task gradients plus the penalty
 gradient once (not averaged again, not halved), and only rank 0 updates the importances,
 from the averaged task gradient."""

@@ -1,6 +1,6 @@
 """Shared by the test_trainer_* files (no tests here): a tiny stand-in for the segmentation
 network, options from the real command line, a gradient-recording optimiser, and the loss
-terms of REFERENCE §10 written out directly from their formulas (independently of
+terms of docs/behaviour.md §8 written out directly from their formulas (independently of
 utils.loss) to check what the Trainer composes."""
 import torch
 import torch.nn as nn
@@ -74,7 +74,7 @@ def grads_of(loss, params):
             for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
 
 
-# --- the loss terms of §10, straight from the formulas -----------------------------------------
+# --- the loss terms of §8, straight from the formulas -----------------------------------------
 
 def ce(z, y):
     return F.cross_entropy(z, y, ignore_index=IGNORE, reduction="none").mean()

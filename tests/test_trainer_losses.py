@@ -1,4 +1,4 @@
-"""Which loss terms the Trainer composes from the options (REFERENCE §10.1, §10.9), with
+"""Which loss terms the Trainer composes from the options (docs/behaviour.md §8.1, §8.9), with
 which weights, and what validation reports (Q22): for every method preset and the explicit
 loss options, the gradient the optimiser receives and the returned loss parts equal the
 terms written out from their formulas."""
@@ -101,7 +101,7 @@ def test_step1_gradient_and_loss_parts_follow_the_options(case):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     assert epoch_loss == pytest.approx(value(main), rel=1e-5)
     assert reg_loss == pytest.approx(value(extra), rel=1e-5, abs=1e-7)
-    # the old model runs only when a distillation term needs it (§10.9)
+    # the old model runs only when a distillation term needs it (§8.9)
     assert len(old_calls) == (1 if case in USES_OLD_MODEL else 0)
 
 

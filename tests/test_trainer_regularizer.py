@@ -1,4 +1,4 @@
-"""The regulariser inside the Trainer (REFERENCE §11, §12.4, §12.10): the penalty's
+"""The regulariser inside the Trainer (docs/behaviour.md §9, §10.4, §10.10): the penalty's
 gradient is added to the task gradient once, with its weight; update() sees the task
 gradient alone (before the penalty's, unscaled under an fp16 loss scaler); step 0 has no
 penalty; and one iteration runs in the original's order."""
@@ -32,7 +32,7 @@ def previous_state(name):
 
 
 def penalty_weights(name, state):
-    """The fixed penalty weights of §11: normalised Fisher (EWC), normalised score (PI),
+    """The fixed penalty weights of §9: normalised Fisher (EWC), normalised score (PI),
     normalised Fisher + normalised score (RW)."""
     if name == "ewc":
         return {k: min_max(v) for k, v in state["fisher"].items()}

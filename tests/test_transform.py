@@ -1,4 +1,4 @@
-"""Joint transforms (REFERENCE §7): crop-box arithmetic, its fallback, resampling modes,
+"""Joint transforms (docs/behaviour.md §5): crop-box arithmetic, its fallback, resampling modes,
 validation resize + centre crop, tensors and normalisation."""
 import math
 import random
