@@ -11,9 +11,6 @@ from modules.norm import (ABN, BatchNorm2dAct, InPlaceABN, InPlaceABNSync, NormI
 
 torch.set_num_threads(1)
 
-needs_package = pytest.mark.skipif(not inplace_abn_available(),
-                                   reason="compiled inplace_abn package not installed")
-
 C = 5
 
 
@@ -185,7 +182,6 @@ def _package_pair(kind, activation):
 
 
 @pytest.mark.iabn
-@needs_package
 @pytest.mark.parametrize("kind", ["iabn", "abn"])
 @pytest.mark.parametrize("activation", ["leaky_relu", "identity"])
 @pytest.mark.parametrize("training", [True, False])
@@ -204,7 +200,6 @@ def test_pure_pytorch_equals_package(kind, activation, training, dtype):
 
 
 @pytest.mark.iabn
-@needs_package
 def test_weight_gradient_at_zero_weight_matches_package():
     ours, theirs = _package_pair("iabn", "leaky_relu")
     with torch.no_grad():
@@ -217,7 +212,6 @@ def test_weight_gradient_at_zero_weight_matches_package():
 
 
 @pytest.mark.iabn
-@needs_package
 @pytest.mark.parametrize("norm_act", ["iabn_sync", "iabn", "abn"])
 def test_package_backed_layers_have_the_same_keys_and_numbers(norm_act):
     theirs = norm_act_factory(norm_act, "inplace_abn")(C)
