@@ -16,12 +16,13 @@ TORCH_CUDA_ARCH_LIST ?= 9.0
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-test.txt
+$(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -r requirements.txt -r requirements-test.txt
 	touch $@
 
 test: $(VENV)/.installed iabn-if-possible
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 test-fast: $(VENV)/.installed

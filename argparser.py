@@ -9,24 +9,19 @@ ignores) are collected in ``opts.warnings`` for the logger.
 Run ``python argparser.py`` (or ``python run.py --help``) for the grouped option list.
 """
 import argparse
+import copy
 import difflib
 import os
 import sys
 
+import methods
 import tasks
 from utils.errors import UserError
 
-# Method presets of the original, applied after parsing (they overwrite these options).
-METHOD_PRESETS = {
-    "FT": {},
-    "LWF": {"loss_kd": 100},
-    "LWF-MC": {"icarl": True, "icarl_importance": 10},
-    "ILT": {"loss_kd": 100, "loss_de": 100},
-    "EWC": {"regularizer": "ewc", "reg_importance": 500},
-    "RW": {"regularizer": "rw", "reg_importance": 100},
-    "PI": {"regularizer": "pi", "reg_importance": 500},
-    "MiB": {"loss_kd": 10, "unce": True, "unkd": True, "init_balanced": True},
-}
+# Method presets, declared by the methods (``methods/``), applied after parsing: they
+# overwrite the options they set, as the original does. (The registry is read again at
+# every parse, so a method registered later is known too.)
+METHOD_PRESETS = methods.presets()
 METHODS = list(METHOD_PRESETS)
 
 # Options the original parses but never reads: option -> (dest, what happens here).
@@ -72,13 +67,16 @@ class _Parser(argparse.ArgumentParser):
 
 def _method(value):
     """Method names are case-insensitive here (the original accepts only its spelling)."""
-    for m in METHODS:
-        if m.lower() == value.lower():
-            return m
-    near = difflib.get_close_matches(value.upper(), [m.upper() for m in METHODS], n=1)
-    hint = f" (did you mean {METHODS[[m.upper() for m in METHODS].index(near[0])]}?)" if near else ""
+    found = methods.find_method(value)
+    if found is not None:
+        return found.name
+    names = methods.method_names()
+    near = difflib.get_close_matches(value.upper(), [m.upper() for m in names], n=1)
+    hint = ""
+    if near:
+        hint = f" (did you mean {names[[m.upper() for m in names].index(near[0])]}?)"
     raise argparse.ArgumentTypeError(
-        f"unknown method '{value}'{hint}; valid: {', '.join(METHODS)}")
+        f"unknown method '{value}'{hint}; valid: {', '.join(names)}")
 
 
 def _steps(value):
@@ -166,8 +164,8 @@ def get_argparser():
 
     g = p.add_argument_group("method")
     g.add_argument("--method", type=_method, default=None, metavar="METHOD",
-                   help=f"preset ({', '.join(METHODS)}; any letter case); overwrites the "
-                        "options it sets, as in the original")
+                   help=f"preset ({', '.join(methods.method_names())}; any letter case); "
+                        "overwrites the options it sets, as in the original")
     g.add_argument("--explicit_overrides_preset", action="store_true", default=False,
                    help="[new] options given explicitly win over the --method preset "
                         "(the original lets the preset win)")
@@ -215,7 +213,8 @@ def get_argparser():
     g.add_argument("--weight_decay", type=float, default=1e-4, help="weight decay")
     g.add_argument("--lr_policy", type=str, default="poly", choices=["poly", "step"],
                    help="learning-rate schedule, stepped every iteration")
-    g.add_argument("--lr_decay_step", type=int, default=5000, help="step schedule period (iterations)")
+    g.add_argument("--lr_decay_step", type=int, default=5000,
+                   help="step schedule period (iterations)")
     g.add_argument("--lr_decay_factor", type=float, default=0.1, help="step schedule factor")
     g.add_argument("--lr_power", type=float, default=0.9, help="poly exponent")
     g.add_argument("--fix_bn", action="store_true", default=False,
@@ -245,7 +244,8 @@ def get_argparser():
                    help="[new] folder of <backbone>_<norm_act>.pth.tar ImageNet weights")
     g.add_argument("--norm_act", type=str, default="iabn_sync",
                    choices=["iabn_sync", "iabn", "abn", "std"], help="norm + activation layers")
-    g.add_argument("--norm_impl", type=str, default="auto", choices=["auto", "torch", "inplace_abn"],
+    g.add_argument("--norm_impl", type=str, default="auto",
+                   choices=["auto", "torch", "inplace_abn"],
                    help="[new] implementation of the norm layers: torch (pure PyTorch, exact), "
                         "inplace_abn (the compiled package), auto (the package on CUDA when "
                         "installed, else torch)")
@@ -280,6 +280,8 @@ def get_argparser():
     g.add_argument("--val_interval", type=int, default=1, help="validate every N epochs")
     g.add_argument("--no_progress", action="store_true", default=False,
                    help="[new] no progress bars")
+
+    methods.add_arguments(p)     # the options of methods beyond the original's
     return p
 
 
@@ -297,7 +299,8 @@ def apply_method_preset(opts, explicit=frozenset()):
     notes = []
     if opts.method is None:
         return notes
-    for key, value in METHOD_PRESETS[opts.method].items():
+    for key, value in methods.find_method(opts.method).preset.items():
+        value = copy.deepcopy(value)          # a preset's dicts are not shared between runs
         given = getattr(opts, key)
         if key in explicit and given != value:
             if opts.explicit_overrides_preset:
@@ -377,9 +380,6 @@ def _validate(opts, explicit):
         raise OptionError("--step_ckpt belongs to one step; give --step N")
     if opts.step_ckpt is not None and opts.step == 0:
         warnings.append("--step_ckpt is ignored at step 0 (there is no previous step)")
-    if opts.fix_bn and opts.regularizer == "ewc":
-        raise OptionError("--fix_bn cannot be combined with EWC (the EWC update needs the "
-                          "gradients of the frozen norm layers; the original crashes here)")
     if opts.device == "cuda":
         import torch
         if not torch.cuda.is_available():
@@ -389,12 +389,7 @@ def _validate(opts, explicit):
     # options that do nothing in this combination
     if opts.full_image_eval:
         opts.crop_val = False
-    if opts.unkd and opts.loss_kd <= 0:
-        warnings.append("--unkd has no effect without --loss_kd > 0")
-    if (opts.icarl_disjoint or opts.icarl_bkg) and not opts.icarl:
-        warnings.append("--icarl_disjoint/--icarl_bkg have no effect without --icarl")
-    if opts.icarl_bkg and not opts.icarl_disjoint:
-        warnings.append("--icarl_bkg only affects the disjoint iCaRL loss (--icarl_disjoint)")
+    warnings += methods.check_options(opts, explicit)
     for option, (dest, why) in IGNORED_BY_ORIGINAL.items():
         if dest in explicit:
             warnings.append(f"{option} is ignored: {why}")
@@ -428,6 +423,33 @@ def parse_options(argv=None):
     """Parse ``argv`` (default ``sys.argv[1:]``) into the options of a run: the same as
     ``modify_command_options(get_argparser().parse_args(argv))``."""
     return modify_command_options(get_argparser().parse_args(argv))
+
+
+def resolve_runtime_options(opts, device):
+    """Turn the ``auto`` choices (precision, norm implementation, memory format) into the
+    concrete ones for ``device``."""
+    if opts.amp is None:
+        opts.amp = "off" if opts.opt_level == "O0" else \
+            ("fp16" if device.type == "cuda" else "bf16")
+    from modules.norm import resolve_norm_impl
+    opts.norm_impl = resolve_norm_impl(opts.norm_impl, device)
+    if opts.channels_last == "auto":
+        opts.channels_last = "on" if device.type == "cuda" else "off"
+    return opts
+
+
+def build_options(argv=(), device=None, **values):
+    """Complete options for code that runs a piece of the project without the command line
+    (tests, benchmarks): ``parse_options(argv)``, resolved for ``device`` (default the CPU),
+    then ``values`` set as given (no preset or validation applies to them)."""
+    import torch
+    opts = resolve_runtime_options(parse_options([str(a) for a in argv]),
+                                   torch.device(device or "cpu"))
+    for key, value in values.items():
+        if not hasattr(opts, key):
+            raise OptionError(f"build_options: there is no option '{key}'")
+        setattr(opts, key, value)
+    return opts
 
 
 def main_error(message):

@@ -12,8 +12,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modules import DeeplabV3, is_norm_layer, make_resnet, norm_act_factory
-from utils.checkpoint import PREFIX, CheckpointError, load_trusted  # noqa: F401  (re-exported)
-from utils.compile import CompiledWithFallback
+
+# re-exported: the names ported code imports from here
+from utils.checkpoint import (  # noqa: F401
+    PREFIX,
+    CheckpointError,
+    add_module_prefix,
+    load_model_state,
+    load_trusted,
+    model_state_for_checkpoint,
+    strip_module_prefix,
+)
+from utils.compile import unwrap  # noqa: F401
 
 HEAD_CHANNELS = 256
 IMAGENET_CLASSIFIER_KEYS = ("classifier.fc.weight", "classifier.fc.bias")
@@ -91,64 +101,6 @@ class IncrementalSegmentationModule(nn.Module):
 # ------------------------------------------------------------------------------------------
 # state dicts and files
 
-def strip_module_prefix(state):
-    """Keys without the leading ``module.`` (keys without it are kept as they are)."""
-    return OrderedDict((k[len(PREFIX):] if k.startswith(PREFIX) else k, v)
-                       for k, v in state.items())
-
-
-def add_module_prefix(state):
-    """Keys with a leading ``module.`` (keys that have it are kept as they are)."""
-    return OrderedDict((k if k.startswith(PREFIX) else PREFIX + k, v) for k, v in state.items())
-
-
-def unwrap(model):
-    """The network inside DDP / DataParallel / ``--compile`` wrappers (or the model itself)."""
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel, CompiledWithFallback)
-    while isinstance(model, wrappers):
-        model = model.module
-    return getattr(model, "_orig_mod", model)  # a bare torch.compile result
-
-
-def _examples(keys, limit=3):
-    keys = list(keys)
-    more = f", ... ({len(keys)} in all)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def load_model_state(model, state, strict=True, source="checkpoint"):
-    """Load ``state`` (keys with or without ``module.``; ``num_batches_tracked`` ignored)
-    into ``model`` (wrapped or not). ``strict=False`` tolerates missing and unexpected keys,
-    e.g. the newest classifier when loading the previous step; the result lists them
-    (``.missing_keys``, ``.unexpected_keys``). Shape mismatches are always an error."""
-    target = unwrap(model)
-    state = OrderedDict((k, v) for k, v in strip_module_prefix(state).items()
-                        if not k.endswith("num_batches_tracked"))
-    own = target.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong_shape = [f"{k} {list(v.shape)} vs model {list(own[k].shape)}"
-                   for k, v in state.items()
-                   if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
-    problems = []
-    if wrong_shape:
-        problems.append(f"{len(wrong_shape)} with another shape ({_examples(wrong_shape)})")
-    if strict and missing:
-        problems.append(f"{len(missing)} missing ({_examples(missing)})")
-    if strict and unexpected:
-        problems.append(f"{len(unexpected)} unexpected ({_examples(unexpected)})")
-    if problems:
-        raise CheckpointError(f"{source} does not fit the model: keys " + "; ".join(problems)
-                              + " - check --backbone, --dataset, --task and --step")
-    return target.load_state_dict(state, strict=strict)
-
-
-def model_state_for_checkpoint(model):
-    """The model's state dict as the original writes it (every key prefixed ``module.``),
-    so files move both ways between the two projects."""
-    return add_module_prefix(unwrap(model).state_dict())
-
-
 def pretrained_path(backbone, norm_act, pretrained_dir="pretrained"):
     """The original's file name for the ImageNet weights of a body."""
     return os.path.join(pretrained_dir, f"{backbone}_{norm_act}.pth.tar")
@@ -186,12 +138,12 @@ def make_model(opts, classes=None):
     if classes is None:
         raise ValueError("make_model needs the per-step class counts (classes=[...]); the "
                          "original's non-incremental model does not exist")
-    norm = norm_act_factory(opts.norm_act, getattr(opts, "norm_impl", "torch"))
+    norm = norm_act_factory(opts.norm_act, opts.norm_impl)
     body = make_resnet(opts.backbone, norm, output_stride=opts.output_stride)
     if not opts.no_pretrained:
-        load_imagenet_weights(body, pretrained_path(
-            opts.backbone, opts.norm_act, getattr(opts, "pretrained_dir", None) or "pretrained"))
+        load_imagenet_weights(body, pretrained_path(opts.backbone, opts.norm_act,
+                                                    opts.pretrained_dir))
     head = DeeplabV3(body.out_channels, HEAD_CHANNELS, HEAD_CHANNELS,
                      out_stride=opts.output_stride, norm_act=norm, pooling_size=opts.pooling)
     return IncrementalSegmentationModule(body, head, HEAD_CHANNELS, classes=list(classes),
-                                         fusion_mode=getattr(opts, "fusion_mode", "mean"))
+                                         fusion_mode=opts.fusion_mode)

@@ -12,7 +12,6 @@ and ``get_task_list()``.
 from utils.errors import UserError
 
 
-
 def span(first, last):
     """Labels first..last inclusive."""
     return list(range(first, last + 1))

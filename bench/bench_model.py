@@ -20,7 +20,6 @@ machine ``--threads 1`` avoids OpenMP oversubscription, which can cost a factor 
 import argparse
 import os
 import sys
-from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for _path in (ROOT, os.path.join(ROOT, "bench")):
@@ -67,8 +66,9 @@ def build_network(arch, backbone, output_stride, norm_act="iabn_sync", impl="tor
         return PlainDeepLabV3(backbone, output_stride, classes)
     if arch != "ours":
         raise common.BenchError(f"unknown network '{arch}'; expected one of {', '.join(ARCHS)}")
-    opts = SimpleNamespace(backbone=backbone, output_stride=output_stride, norm_act=norm_act,
-                           norm_impl=impl, no_pretrained=True, pooling=32)
+    from argparser import build_options
+    opts = build_options(backbone=backbone, output_stride=output_stride, norm_act=norm_act,
+                         norm_impl=impl, no_pretrained=True)
     return make_model(opts, [classes])
 
 

@@ -8,9 +8,9 @@ number of processes: ``run.py`` itself, launched with ``torchrun`` on a syntheti
 One factor at a time around the base run (--base-images, --base-crop, 1 process): every
 image count at the base crop, every crop at the base count, every process count at both.
 Each run is ``python -m torch.distributed.run --standalone --nproc_per_node=K run.py
---task offline --epochs 1 ...`` in its own folder; the epoch time is read from the log line
-``End of Epoch 0/1, ... (X s)`` of ``<logdir>/offline-voc/<name>/log.txt`` (training only:
-no validation, no test phase, no start-up). With K processes on the CPU each gets
+--task offline --epochs 1 ...`` in its own folder; the epoch time and the training-set size
+are read from the run's records, ``<logdir>/offline-voc/<name>/events.jsonl`` (training
+only: no validation, no test phase, no start-up). With K processes on the CPU each gets
 threads/K OpenMP threads (gloo); on CUDA each takes one GPU (nccl). The per-process batch is
 --batch, as in the original, so K processes see K times the images per iteration.
 Prints a table with every ratio against the base run; writes JSON. On a shared machine,
@@ -19,7 +19,6 @@ Prints a table with every ratio against the base run; writes JSON. On a shared m
 import argparse
 import datetime
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -33,9 +32,8 @@ for _path in (ROOT, os.path.join(ROOT, "bench")):
 
 import common  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.events import events_path, read_events  # noqa: E402
 
-EPOCH_LINE = re.compile(r"End of Epoch \d+/\d+.*\(([0-9.]+) s\)")
-TRAIN_SET = re.compile(r"train set: (\d+)")
 TASK, DATASET = "offline", "voc"
 VAL_IMAGES = 4
 
@@ -97,11 +95,12 @@ def plan_runs(images, crops, procs, base_images, base_crop):
     return out
 
 
-def epoch_seconds(log_text):
-    """(epoch seconds, training-set size) from a run's log.txt; None where absent."""
-    times = EPOCH_LINE.findall(log_text)
-    sizes = TRAIN_SET.findall(log_text)
-    return (float(times[-1]) if times else None, int(sizes[-1]) if sizes else None)
+def epoch_seconds(records):
+    """(epoch seconds, training-set size) from a run's records; None where absent."""
+    epochs = [r for r in records if r["event"] == "epoch"]
+    starts = [r for r in records if r["event"] == "start"]
+    return (epochs[-1]["seconds"] if epochs else None,
+            starts[-1]["train_images"] if starts else None)
 
 
 def run_command(args, data_root, workdir, name, crop, procs):
@@ -123,9 +122,9 @@ def one_run(args, data_root, workdir, images, crop, procs, threads):
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                OMP_NUM_THREADS=str(max(1, threads // procs)))
     cmd = run_command(args, data_root, workdir, name, crop, procs)
-    log_path = os.path.join(workdir, "logs", f"{TASK}-{DATASET}", name, "log.txt")
-    if os.path.isfile(log_path):
-        os.remove(log_path)  # log.txt is appended to: read this run's epoch line only
+    records_path = events_path(os.path.join(workdir, "logs", f"{TASK}-{DATASET}", name))
+    if os.path.isfile(records_path):
+        os.remove(records_path)  # appended to: read this run's records only
     start = time.perf_counter()
     # its own process group, so that a timeout also stops the workers torchrun started
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE,
@@ -139,11 +138,7 @@ def one_run(args, data_root, workdir, images, crop, procs, threads):
                 "wall_s": time.perf_counter() - start, "command": " ".join(cmd),
                 "error": f"no result within --timeout {args.timeout} s"}
     wall = time.perf_counter() - start
-    log_text = ""
-    if os.path.isfile(log_path):
-        with open(log_path, encoding="utf-8") as f:
-            log_text = f.read()
-    seconds, train_set = epoch_seconds(log_text)
+    seconds, train_set = epoch_seconds(read_events(records_path))
     row = {"case": name, "images": images, "crop": crop, "procs": procs,
            "threads_per_proc": max(1, threads // procs), "train_set": train_set,
            "epoch_s": seconds, "wall_s": wall, "command": " ".join(cmd)}

@@ -8,7 +8,7 @@ in-memory loader, with the options that ``run.py`` would resolve for it (method 
 forward and KD, ILT also the feature distillation, LwF-MC the BCE + iCaRL terms, MiB the
 unbiased CE and KD, EWC / PI / RW the regulariser update, the penalty and its backward.
 Regularised methods start from the state a step-0 regulariser saves. Evaluation is
-``Trainer.validate`` without an old model, as the test phase runs it.
+``engine.evaluate`` without an old model, as the test phase runs it.
 
 ``bench/run_all.py`` calls :func:`measure_method` and :func:`measure_eval`; each runs in a
 fresh process there so that its peak memory is its own.
@@ -44,9 +44,8 @@ def trainer_options(method="FT", *, step=1, backbone="resnet101", output_stride=
                     norm_act="iabn_sync", impl="auto", size=512, batch=2, precision="fp32",
                     channels_last=None, device="cpu", compile=False):
     """The options ``run.py`` would train with: parsed by ``argparser.parse_options`` and
-    resolved for the device by ``run.resolve_runtime_options``."""
+    resolved for the device (``argparser.build_options``)."""
     import argparser
-    import run
     device = torch.device(device)
     argv = ["--dataset", DATASET, "--task", TASK, "--step", str(step),
             "--method", METHODS[method_name(method)], "--backbone", backbone,
@@ -57,7 +56,7 @@ def trainer_options(method="FT", *, step=1, backbone="resnet101", output_stride=
         argv += ["--channels_last", "on" if channels_last else "off"]
     if compile:
         argv.append("--compile")
-    return run.resolve_runtime_options(argparser.parse_options(argv), device)
+    return argparser.build_options(argv, device=device)
 
 
 def synthetic_batches(count, batch, size, n_classes, device, seed=0):
@@ -74,24 +73,32 @@ def synthetic_batches(count, batch, size, n_classes, device, seed=0):
     return out
 
 
-def build_models(opts, device):
-    """Current and old model (step > 0) as ``run.Step.build_model`` makes them: old model
-    frozen in eval mode, MiB's balanced initialisation, the chosen memory format."""
+def build_models(opts, device, train_loader=None):
+    """Current and old model (step > 0) as the engine builds them, and the step's method
+    with its ``before_step`` hooks run (MiB's balanced initialisation; PLOP's thresholds
+    over ``train_loader``): old model frozen in eval mode, the chosen memory format."""
+    import methods
     import tasks
-    from segmentation_module import make_model
+    from engine.build import make_network, memory_format
+    from train import AMP_DTYPES
     classes = tasks.get_per_task_classes(opts.dataset, opts.task, opts.step)
-    memory_format = torch.channels_last if opts.channels_last == "on" else \
-        torch.contiguous_format
-    model = make_model(opts, classes).to(device, memory_format=memory_format)
+    model = make_network(opts, classes).to(device, memory_format=memory_format(opts))
     model_old = None
+    method = methods.assemble(methods.StepInfo(opts, classes, device))
     if opts.step > 0:
-        model_old = make_model(opts, classes[:-1]).to(device, memory_format=memory_format)
+        model_old = make_network(opts, classes[:-1]).to(device,
+                                                        memory_format=memory_format(opts))
         for p in model_old.parameters():
             p.requires_grad = False
         model_old.eval()
-        if opts.init_balanced:
-            model.init_new_classifier(device)
-    return model, model_old, classes
+        method.before_step(methods.StepState(model, model_old, train_loader, device,
+                                             amp_dtype=AMP_DTYPES[opts.amp]))
+    return model, model_old, classes, method
+
+
+def tasks_classes(opts):
+    import tasks
+    return tasks.get_per_task_classes(opts.dataset, opts.task, opts.step)
 
 
 def previous_trainer_state(opts, model_old, device):
@@ -113,7 +120,7 @@ def measure_method(method="FT", *, backbone="resnet101", output_stride=16, norm_
                    impl="auto", size=512, batch=2, precision="fp32", channels_last=None,
                    device="cpu", warmup=1, iters=2, threads=None, compile=False):
     """Seconds per ``Trainer.train`` iteration of ``method`` at step 1, and peak memory."""
-    import run
+    from engine.build import make_optimizer
     from train import Trainer
     from utils.compile import maybe_compile
     from utils.scheduler import PolyLR
@@ -125,14 +132,14 @@ def measure_method(method="FT", *, backbone="resnet101", output_stride=16, norm_
                            norm_act=norm_act, impl=impl, size=size, batch=batch,
                            precision=precision, channels_last=channels_last, device=device,
                            compile=compile)
-    model, model_old, classes = build_models(opts, device)
-    optimizer = run.make_optimizer(model, opts)
+    classes = tasks_classes(opts)
+    batches = synthetic_batches(warmup + iters, batch, size, sum(classes), device)
+    model, model_old, classes, step_method = build_models(opts, device, train_loader=batches)
+    optimizer = make_optimizer(model, opts)
     scheduler = PolyLR(optimizer, max_iters=warmup + iters + 1)
     trainer = Trainer(maybe_compile(model, opts.compile), model_old, device, opts,
                       trainer_state=previous_trainer_state(opts, model_old, device),
-                      classes=classes)
-    batches = synthetic_batches(warmup + iters, batch, size, sum(classes), device)
-    model.train()
+                      classes=classes, method=step_method)
     if warmup:
         trainer.train(0, optimizer, batches[:warmup], scheduler=scheduler)
     common.sync(device)
@@ -149,10 +156,11 @@ def measure_method(method="FT", *, backbone="resnet101", output_stride=16, norm_
 def measure_eval(*, backbone="resnet101", output_stride=16, norm_act="iabn_sync", impl="auto",
                  size=512, batch=2, precision="fp32", channels_last=None, device="cpu",
                  warmup=1, iters=2, threads=None):
-    """Images/s of ``Trainer.validate`` (model only, metrics on the device), as the test
+    """Images/s of ``engine.evaluate`` (model only, metrics on the device), as the test
     phase runs it, at batch ``batch`` (``--crop_val`` validates at the training batch)."""
+    from engine import evaluate
     from metrics import StreamSegMetrics
-    from train import Trainer
+    from train import AMP_DTYPES
     device = torch.device(device)
     common.set_threads(threads)
     torch.manual_seed(0)
@@ -160,15 +168,18 @@ def measure_eval(*, backbone="resnet101", output_stride=16, norm_act="iabn_sync"
     opts = trainer_options("FT", step=1, backbone=backbone, output_stride=output_stride,
                            norm_act=norm_act, impl=impl, size=size, batch=batch,
                            precision=precision, channels_last=channels_last, device=device)
-    model, _, classes = build_models(opts, device)
-    trainer = Trainer(model, None, device, opts, regularize=False)
+    model, _, classes, _ = build_models(opts, device)
     metrics = StreamSegMetrics(sum(classes))
     batches = synthetic_batches(warmup + iters, batch, size, sum(classes), device)
+
+    def run(part):
+        return evaluate(model, part, metrics, device, AMP_DTYPES[opts.amp],
+                        channels_last=opts.channels_last == "on", progress=False)
     if warmup:
-        trainer.validate(batches[:warmup], metrics)
+        run(batches[:warmup])
     common.sync(device)
     common.reset_peak_memory(device)
-    seconds = common.timed(lambda: trainer.validate(batches[warmup:], metrics)) / iters
+    seconds = common.timed(lambda: run(batches[warmup:])) / iters
     return {"precision": precision, "channels_last": opts.channels_last == "on",
             "norm_impl": opts.norm_impl, "size": size, "batch": batch, "seconds": seconds,
             "images_per_s": batch / seconds, "peak_mib": common.peak_memory_mib(device, baseline)}

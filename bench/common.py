@@ -21,6 +21,7 @@ for _path in (ROOT, BENCH):
         sys.path.insert(0, _path)
 
 import torch  # noqa: E402
+
 from utils.errors import UserError  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

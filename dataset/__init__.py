@@ -7,8 +7,7 @@ starts without loading torch.
 """
 import importlib
 
-from .errors import (CorruptFileError, DatasetError, DatasetLayoutError, IndexListError,
-                     one_line)
+from .errors import CorruptFileError, DatasetError, DatasetLayoutError, IndexListError, one_line
 
 _LAZY = {
     "VOCSegmentation": ".voc", "VOCSegmentationIncremental": ".voc",

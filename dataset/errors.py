@@ -2,7 +2,6 @@
 from utils.errors import UserError
 
 
-
 def _last_line(text, cls):
     lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
     if not lines:

@@ -19,7 +19,7 @@ from .transform import train_transform, val_transform
 
 def index_folder(opts):
     """``<index_dir>/<dataset>/<task>`` with ``-ov`` for overlapped runs (original names)."""
-    folder = os.path.join(getattr(opts, "index_dir", "data"), opts.dataset,
+    folder = os.path.join(opts.index_dir, opts.dataset,
                           tasks.canonical_task(opts.dataset, opts.task))
     return folder + "-ov" if opts.overlap else folder
 
@@ -36,7 +36,7 @@ def get_dataset(opts, step=None, rank=0):
     folder = index_folder(opts)
     dataset = DATASETS[opts.dataset]
     common = dict(root=opts.data_root, num_workers=opts.num_workers,
-                  progress=rank == 0 and not getattr(opts, "no_progress", False),
+                  progress=rank == 0 and not opts.no_progress,
                   save_index=rank == 0)
     eval_transform = val_transform(opts.crop_size, opts.crop_val)
 
@@ -44,7 +44,7 @@ def get_dataset(opts, step=None, rank=0):
                         labels=list(labels), labels_old=list(labels_old),
                         idxs_path=os.path.join(folder, f"train-{step}.npy"),
                         masking=not opts.no_mask, overlap=opts.overlap,
-                        void_as_ignore=getattr(opts, "train_void_as_ignore", False), **common)
+                        void_as_ignore=opts.train_void_as_ignore, **common)
     if opts.cross_val:
         train_dst, val_dst = cross_val_split(train_dst)
     else:

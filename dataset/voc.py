@@ -2,7 +2,8 @@
 
     <data_root>/PascalVOC12/JPEGImages/<id>.jpg
     <data_root>/PascalVOC12/SegmentationClassAug/<id>.png   (0 background, 1..20, 255 void)
-    <data_root>/PascalVOC12/splits/train_aug.txt, val.txt    ("/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png")
+    <data_root>/PascalVOC12/splits/train_aug.txt, val.txt
+        (lines "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png")
 
 Index i of a split is line i of its list file.
 """

@@ -3,6 +3,8 @@ them (same result keys, same formulas, ``'X'`` for classes absent from the groun
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from utils import distributed
 from utils.errors import UserError
 
 __all__ = ["StreamSegMetrics", "MetricsError"]
@@ -83,7 +85,8 @@ class StreamSegMetrics:
     def synch(self, device):
         """Sum the confusion matrix and the sample count of every process on rank 0 (other
         ranks keep their own). Nothing to do without a process group."""
-        if not (dist.is_available() and dist.is_initialized()):
+        ctx = distributed.context()
+        if not ctx.distributed:
             return
         backend = str(dist.get_backend())
         comm_device = torch.device("cpu") if backend == "gloo" else torch.device(device)
@@ -94,7 +97,7 @@ class StreamSegMetrics:
                          torch.tensor([self.total_samples], dtype=torch.float64,
                                       device=comm_device)])
         dist.reduce(buf, dst=0)
-        if dist.get_rank() == 0:
+        if ctx.is_main:
             keep = self._cm.device if self._cm is not None else comm_device
             self._cm = buf[:-1].reshape(n, n).to(keep)
             self.total_samples = int(buf[-1].item())

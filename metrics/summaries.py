@@ -5,6 +5,7 @@ then those of step 1, and so on, in blocks of ``classes_per_step`` (e.g. [16, 5]
 VOC 15-5). Absent classes (no ground-truth pixel: ``'X'``, None or NaN) count in no mean."""
 import math
 from collections.abc import Mapping
+
 from utils.errors import UserError
 
 __all__ = ["BACKGROUND_CONVENTION", "SummaryError", "class_chunks", "summarize_iou"]

@@ -174,7 +174,8 @@ def test_ignored_original_options_warn():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--task", "15-5", "--step", "2"], "step 2 does not exist in task '15-5' of 'voc'; valid steps: 0..1"),
+    (["--task", "15-5", "--step", "2"],
+     "step 2 does not exist in task '15-5' of 'voc'; valid steps: 0..1"),
     (["--task", "100-50"], "unknown task '100-50' for dataset 'voc'"),
     (["--task", "15-5s", "--step", "0,2"], "must be consecutive"),
     (["--task", "15-5s", "--step", "2,1"], "increasing"),

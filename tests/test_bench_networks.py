@@ -3,7 +3,6 @@
 and a training iteration's FLOPs grow with batch and pixels as they should."""
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,14 +10,14 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import bench_model  # noqa: E402
+from argparser import build_options  # noqa: E402
 from plain_deeplab import PlainDeepLabV3  # noqa: E402
-
 from segmentation_module import make_model  # noqa: E402
 
 
 def ours(backbone, output_stride, classes=21):
-    opts = SimpleNamespace(backbone=backbone, output_stride=output_stride, norm_act="iabn_sync",
-                           norm_impl="torch", no_pretrained=True, pooling=32)
+    opts = build_options(backbone=backbone, output_stride=output_stride, norm_act="iabn_sync",
+                         norm_impl="torch", no_pretrained=True)
     return make_model(opts, [classes])
 
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import run_all  # noqa: E402
+
 import bench_train  # noqa: E402
 import common  # noqa: E402
-import run_all  # noqa: E402
 
 
 def settings(*argv):

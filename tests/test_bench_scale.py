@@ -1,6 +1,6 @@
 """bench/bench_scale.py: the runs it plans (one factor at a time around the base), how it
-reads the epoch time from run.py's log, and a tiny end-to-end run with 1 and 2 gloo
-processes under torchrun."""
+reads the epoch time from run.py's records (events.jsonl), and a tiny end-to-end run with 1
+and 2 gloo processes under torchrun."""
 import json
 import sys
 from pathlib import Path
@@ -17,12 +17,11 @@ def test_runs_change_one_factor_at_a_time_base_first():
     assert runs == [(32, 128, 1), (16, 128, 1), (64, 128, 1), (32, 64, 1), (32, 128, 2)]
 
 
-def test_epoch_time_and_training_set_come_from_the_log():
-    log = ("INFO:rank0: Dataset: voc, train set: 62, val set: 4, test set: 4, n_classes: 21\n"
-           "INFO:rank0: End of Epoch 0/1, Average Loss=2.9, Class Loss=2.9, Reg Loss=0.0 "
-           "(12.3 s)\n")
-    assert bench_scale.epoch_seconds(log) == (12.3, 62)
-    assert bench_scale.epoch_seconds("nothing here") == (None, None)
+def test_epoch_time_and_training_set_come_from_the_run_records():
+    records = [{"event": "start", "step": 0, "train_images": 62},
+               {"event": "epoch", "step": 0, "epoch": 0, "seconds": 12.3}]
+    assert bench_scale.epoch_seconds(records) == (12.3, 62)
+    assert bench_scale.epoch_seconds([]) == (None, None)
 
 
 def test_command_launches_run_py_through_torchrun():

@@ -10,7 +10,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import bench_train  # noqa: E402
 import common  # noqa: E402
-
 from train import Trainer  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -19,9 +18,10 @@ TINY = {"backbone": "resnet18", "size": 32, "batch": 2, "device": "cpu"}
 
 def trainer_for(method, precision="fp32"):
     opts = bench_train.trainer_options(method, precision=precision, **TINY)
-    model, model_old, classes = bench_train.build_models(opts, CPU)
+    model, model_old, classes, method = bench_train.build_models(opts, CPU)
     state = bench_train.previous_trainer_state(opts, model_old, CPU)
-    trainer = Trainer(model, model_old, CPU, opts, trainer_state=state, classes=classes)
+    trainer = Trainer(model, model_old, CPU, opts, trainer_state=state, classes=classes,
+                      method=method)
     return state, model, model_old, classes, trainer
 
 
@@ -40,15 +40,16 @@ def test_distillation_methods_forward_the_old_model_and_ft_does_not(method):
     state, model, model_old, classes, trainer = trainer_for(method)
     assert classes == [16, 5] and state is None and model_old is not None and not model_old.training
     assert not any(p.requires_grad for p in model_old.parameters())
-    assert trainer.old_forward == (method != "FT")
-    assert trainer.regularizer is None
+    assert trainer.method.needs_old() == (method != "FT")
+    assert not trainer.method.penalties
 
 
 @pytest.mark.parametrize("method", ["EWC", "PI", "RW"])
 def test_regularised_methods_pay_the_penalty_and_its_backward(method):
     state, model, model_old, classes, trainer = trainer_for(method)
-    assert trainer.regularizer_flag and trainer.regularizer.penalize
-    penalty = trainer.regularizer.penalty()
+    [part] = trainer.method.penalties
+    assert part.regularizer.penalize
+    penalty = part.penalty()
     assert torch.is_tensor(penalty) and penalty.requires_grad  # a second backward follows
     # the old model's parameters (classifier of step 0 included) all get a penalty weight
     state = state["regularizer"]

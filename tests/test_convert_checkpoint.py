@@ -56,6 +56,23 @@ def test_inspect_step_checkpoint(tmp_path, resnet50_keys):
     assert "optimizer_state: dict" in report and "best_score: 0.0" in report
     listing = _run([path, "--keys"])
     assert "module.cls.1.weight\t[5, 256, 1, 1]" in listing
+    assert "written by: the original code or another tool" in report
+
+
+def test_inspect_reads_the_record_of_this_projects_checkpoints(tmp_path, resnet50_keys):
+    from argparser import build_options
+    from utils.checkpoint import checkpoint_meta, fingerprint
+    path = tmp_path / "15-5-voc_MiB_1.pth"
+    ckpt = _step_checkpoint(path, resnet50_keys)
+    opts = build_options(["--task", "15-5", "--step", "1", "--method", "MiB", "--name", "MiB",
+                          "--epochs", "30"])
+    ckpt["meta"] = checkpoint_meta(opts, [16, 5], fingerprint(opts, 1))
+    torch.save(ckpt, path)
+    assert ("written by: this project (mib-port/1), finished step 1 of 15-5-voc, run 'MiB', "
+            "method MiB, 30 epochs") in _run([path])
+    ckpt["epoch"] = 4
+    torch.save(ckpt, path)
+    assert "unfinished step 1" in _run([path])
 
 
 def test_strip_then_add_prefix_round_trip_and_input_untouched(tmp_path, resnet50_keys):

@@ -4,8 +4,14 @@ import os
 import pytest
 import torch
 
-from dataset import (AdeSegmentationIncremental, CorruptFileError, DatasetError,
-                     DatasetLayoutError, VOCSegmentationIncremental, one_line)
+from dataset import (
+    AdeSegmentationIncremental,
+    CorruptFileError,
+    DatasetError,
+    DatasetLayoutError,
+    VOCSegmentationIncremental,
+    one_line,
+)
 from dataset.loader import build_loader
 from dataset.synthetic import generate
 from dataset.transform import train_transform

@@ -12,8 +12,13 @@ import tasks
 from argparser import parse_options
 from dataset import VOCSegmentationIncremental
 from dataset.factory import get_dataset
-from dataset.loader import (IndexSubset, SeededSampler, build_loader, cross_val_split,
-                            expected_length)
+from dataset.loader import (
+    IndexSubset,
+    SeededSampler,
+    build_loader,
+    cross_val_split,
+    expected_length,
+)
 from dataset.seeding import sample_seed
 from dataset.transform import train_transform
 

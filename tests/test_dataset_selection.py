@@ -99,8 +99,8 @@ def test_select_indices_on_presence_rows():
 
 
 def test_unknown_values_reported_once(voc_root, caplog):
-    from dataset.voc import VOCSegmentation
     from dataset import utils
+    from dataset.voc import VOCSegmentation
     base = VOCSegmentation(voc_root, "train")
     utils._reported.clear()
     with caplog.at_level(logging.WARNING, logger="dataset.utils"):

@@ -5,10 +5,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.loss import (BCEWithLogitsLossWithIgnoreIndex, IcarlDistillationLoss, IcarlLoss,
-                        KnowledgeDistillationLoss, LossError, PixelCrossEntropy,
-                        UnbiasedCrossEntropy, UnbiasedKnowledgeDistillationLoss,
-                        make_main_criterion)
+from utils.loss import (
+    BCEWithLogitsLossWithIgnoreIndex,
+    IcarlDistillationLoss,
+    IcarlLoss,
+    KnowledgeDistillationLoss,
+    LossError,
+    PixelCrossEntropy,
+    UnbiasedCrossEntropy,
+    UnbiasedKnowledgeDistillationLoss,
+    make_main_criterion,
+)
 
 B, C, H, W, C_OLD = 2, 6, 3, 4, 4
 

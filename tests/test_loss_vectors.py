@@ -4,10 +4,16 @@ pixel and an ignored one."""
 import pytest
 import torch
 
-from utils.loss import (BCEWithLogitsLossWithIgnoreIndex, EncoderDistillationLoss,
-                        IcarlDistillationLoss, IcarlLoss, KnowledgeDistillationLoss,
-                        PixelCrossEntropy, UnbiasedCrossEntropy,
-                        UnbiasedKnowledgeDistillationLoss)
+from utils.loss import (
+    BCEWithLogitsLossWithIgnoreIndex,
+    EncoderDistillationLoss,
+    IcarlDistillationLoss,
+    IcarlLoss,
+    KnowledgeDistillationLoss,
+    PixelCrossEntropy,
+    UnbiasedCrossEntropy,
+    UnbiasedKnowledgeDistillationLoss,
+)
 
 # pixel-major: row w = the channel vector of pixel (0, 0, w)
 NEW_LOGITS = [

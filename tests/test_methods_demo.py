@@ -1,7 +1,6 @@
-"""The demo and the method benchmark (tools/experiment.py): progress read from a run's own
-output, a tiny demo end to end (table, plots, result files, console logs), a rerun that
-trains nothing, and the benchmark's step-0 sharing between methods."""
-import io
+"""The demo and the method benchmark (tools/experiment.py): progress read from a run's
+records (events.jsonl), a tiny demo end to end (table, plots, result files, console logs), a
+rerun that trains nothing, and the benchmark's step-0 sharing between methods."""
 import json
 
 import pytest
@@ -13,23 +12,15 @@ TINY = dict(n_train=40, n_val=12, size=32, crop_size=32, batch_size=4, epochs0=1
             lr0=0.01, lr1=0.01)
 
 
-def test_progress_follows_the_training_bar_and_the_log_keeps_only_log_lines():
-    log = io.StringIO()
-    heard = []
-    done = 0.0
-    lines = ["INFO:rank0: =====> Epoch 0, lr = 0.020000",
-             "epoch 1:  50%|#####     | 5/10 [00:01<00:01,  4.1it/s, loss=1.2]",
-             "INFO:rank0: End of Epoch 0/2, Average Loss=1.0, Class Loss=1.0, Reg Loss=0.0",
-             "epoch 2:  30%|###       | 3/10 [00:00<00:02,  4.0it/s]",
-             "validate:  20%|##        | 1/5 [00:00<00:01]",
-             "scanning masks of /data/splits/val.txt: 100%|#| 9/9 [00:00<00:00, 59.7mask/s]",
-             "epoch 2:  40%|####      | 4/10 [00:01<00:01]error: the training loss is not finite",
-             ""]
-    for line in lines:
-        done = ex._follow(line, done, log, heard.append)
-    assert heard == [0.0, 0.5, 1.0, 1.3, 1.3, 1.3, 1.4, 1.4]
-    assert log.getvalue().splitlines() == [lines[0], lines[2],
-                                           "error: the training loss is not finite"]
+def test_progress_is_read_from_the_run_records():
+    records = [{"event": "start", "step": 0, "start_epoch": 0},
+               {"event": "epoch", "step": 0, "epoch": 0},
+               {"event": "eval", "step": 0, "split": "val", "epoch": 0}]
+    assert ex.epochs_done(records, 0) == 1.0
+    assert ex.epochs_done(records, 1) == 0.0          # another step's records do not count
+    resumed = [{"event": "start", "step": 1, "start_epoch": 3},
+               {"event": "epoch", "step": 1, "epoch": 3}]
+    assert ex.epochs_done(resumed, 1) == 4.0
 
 
 @pytest.mark.slow

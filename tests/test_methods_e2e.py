@@ -12,9 +12,13 @@ import pytest
 import torch
 
 import argparser
+import engine.loop
+import methods
 import run
+from engine import build
 from tb_events import scalars
 from utils import distributed
+from utils.logger import Logger
 
 METHODS = ("FT", "LWF", "LWF-MC", "ILT", "EWC", "PI", "RW", "MiB")
 REGULARISER_KEYS = {"EWC": ("ewc", ["fisher"]), "PI": ("pi", ["score"]),
@@ -137,20 +141,22 @@ def test_step0_is_shared_unless_the_criterion_changes(three_steps):
 
 
 def build_step1(three_steps, synthetic_voc, method, workdir):
-    """Step 1 of ``method`` set up by run.Step from the MiB step-0 checkpoint."""
-    opts = argparser.parse_options(tiny(workdir, "--data_root", synthetic_voc, "--method",
+    """Step 1 of ``method`` built by the engine from the MiB step-0 checkpoint."""
+    opts = argparser.build_options(tiny(workdir, "--data_root", synthetic_voc, "--method",
                                         method, "--name", "init", "--step", "1", "--step_ckpt",
                                         three_steps / "checkpoints" / f"{TASK_NAME}_MiB_0.pth"))
     ctx = distributed.DistContext()
-    run.resolve_runtime_options(opts, ctx.device)
-    step = run.Step(opts, ctx)
-    step.build("fresh")
-    prev = torch.load(step.prev_path, weights_only=False)
+    logger = Logger(str(workdir / "log"), rank=0, summary=False, log_file=False)
+    prev_path = str(three_steps / "checkpoints" / f"{TASK_NAME}_MiB_0.pth")
+    prev = torch.load(prev_path, weights_only=False)
     try:
-        step.build_model(prev)
+        data = build.build_data(opts, ctx, logger)
+        method_parts = methods.assemble(build.step_info(opts, ctx, CLASSES[:2], logger))
+        models = build.build_models(opts, ctx, CLASSES[:2], data, method_parts, logger,
+                                    prev_ckpt=prev, prev_path=prev_path)
     finally:
-        step.logger.close()
-    return step, prev["model_state"]
+        logger.close()
+    return models, prev["model_state"]
 
 
 def test_mib_initialises_the_new_classifier_from_the_background(three_steps, synthetic_voc,
@@ -178,16 +184,16 @@ def test_regulariser_step_resumes_exactly_from_its_epoch0_checkpoint(three_steps
     common = tiny(workdir, "--data_root", synthetic_voc, "--method", method, "--step", "1",
                   "--step_ckpt", step0, "--epochs", "2")
     path = workdir / "epoch0.pth"
-    real_save = run.atomic_torch_save
+    real_save = engine.loop.atomic_torch_save
 
     def keep_epoch0(obj, target):      # the run overwrites its checkpoint every epoch
         real_save(obj, target)
         if obj["epoch"] == 0:
             real_save(obj, str(path))
 
-    monkeypatch.setattr(run, "atomic_torch_save", keep_epoch0)
+    monkeypatch.setattr(engine.loop, "atomic_torch_save", keep_epoch0)
     run_here(common + ["--name", "whole"])
-    monkeypatch.setattr(run, "atomic_torch_save", real_save)
+    monkeypatch.setattr(engine.loop, "atomic_torch_save", real_save)
     whole = checkpoint(workdir, "whole", 1)
     assert whole["epoch"] == 2
 

@@ -5,9 +5,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modules.norm import (ABN, BatchNorm2dAct, InPlaceABN, InPlaceABNSync, NormImplError,
-                          inplace_abn_available, is_norm_layer, norm_act_factory,
-                          resolve_norm_impl)
+from modules.norm import (
+    ABN,
+    BatchNorm2dAct,
+    InPlaceABN,
+    InPlaceABNSync,
+    NormImplError,
+    inplace_abn_available,
+    is_norm_layer,
+    norm_act_factory,
+    resolve_norm_impl,
+)
 
 torch.set_num_threads(1)
 

@@ -13,11 +13,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods.plop.pod import (PODError, _global_pod, _local_pod, _local_pod_masked,
-                              features_distillation)
-from methods.plop.pseudo import (DEFAULT_NB_BINS, PseudoLabelError, accumulate_histogram,
-                                 classif_adaptive_factor, entropy, find_median,
-                                 pseudo_label_targets, thresholds_from_histogram)
+from methods.plop.pod import (
+    PODError,
+    _global_pod,
+    _local_pod,
+    _local_pod_masked,
+    features_distillation,
+)
+from methods.plop.pseudo import (
+    DEFAULT_NB_BINS,
+    PseudoLabelError,
+    accumulate_histogram,
+    classif_adaptive_factor,
+    entropy,
+    find_median,
+    pseudo_label_targets,
+    thresholds_from_histogram,
+)
 from utils.loss import PixelCrossEntropy
 
 CASES = json.loads((Path(__file__).parent / "data" / "plop_cases.json").read_text())

@@ -3,11 +3,11 @@ and its resume quirks, the full (crash-resume) state, get_regularizer, and the p
 updates and penalties never leave the device nor synchronise with the host."""
 import io
 import logging
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from argparser import build_options
 from utils.regularizer import EWC, PI, RW, RegularizerError, get_regularizer
 
 V_OLD = [[0.0, 1.0], [-1.0, 2.0]]
@@ -282,10 +282,7 @@ def test_updates_and_penalty_stay_on_device_without_host_sync(make, monkeypatch)
 
 
 def opts(regularizer, **kw):
-    base = dict(regularizer=regularizer, reg_alpha=0.9, reg_no_normalize=False,
-                reg_iterations=10)
-    base.update(kw)
-    return SimpleNamespace(**base)
+    return build_options(regularizer=regularizer, **kw)
 
 
 def test_get_regularizer_builds_the_named_one_from_the_previous_state():

@@ -68,8 +68,8 @@ def run_tool(args, capsys):
 
 def markdown_cells(out):
     """{row: [cells]} and the header of the printed Markdown table."""
-    lines = [l for l in out.splitlines() if l.startswith("|")]
-    split = [[c.strip() for c in l.strip("|").split("|")] for l in lines]
+    lines = [line for line in out.splitlines() if line.startswith("|")]
+    split = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
     header, body = split[0], split[2:]
     return header, {r[0]: r[1:] for r in body}
 

@@ -8,6 +8,7 @@ import socket
 import pytest
 import torch
 
+import engine.loop
 import run
 from conftest import run_entry
 from tb_events import scalars, tags
@@ -89,15 +90,15 @@ def test_test_mode_reproduces_the_training_run_figures(synthetic_voc, workdir):
 
 def test_ckpt_resumes_model_optimizer_scheduler_and_epoch(synthetic_voc, workdir, monkeypatch):
     saved = []
-    real_save = run.atomic_torch_save
+    real_save = engine.loop.atomic_torch_save
 
     def keep_copies(obj, path):  # remember every checkpoint the run writes
         real_save(obj, path)
         saved.append(torch.load(path, weights_only=False))
 
-    monkeypatch.setattr(run, "atomic_torch_save", keep_copies)
+    monkeypatch.setattr(engine.loop, "atomic_torch_save", keep_copies)
     run_here(voc_args(synthetic_voc, "--name", "A", "--step", "0", "--epochs", "2"))
-    monkeypatch.setattr(run, "atomic_torch_save", real_save)
+    monkeypatch.setattr(engine.loop, "atomic_torch_save", real_save)
     after_epoch0 = next(c for c in saved if c["epoch"] == 0)
     final = saved[-1]
     assert final["epoch"] == 2

@@ -1,19 +1,26 @@
 """IncrementalSegmentationModule, make_model, ImageNet weights and step checkpoints."""
 import math
 from collections import OrderedDict
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from argparser import build_options  # noqa: E402
 from modules import make_resnet, norm_act_factory
 from modules.norm import is_norm_layer
-from segmentation_module import (CheckpointError, IncrementalSegmentationModule,
-                                 PretrainedWeightsNotFound, add_module_prefix, load_model_state,
-                                 load_trusted, make_model, model_state_for_checkpoint,
-                                 strip_module_prefix)
+from segmentation_module import (
+    CheckpointError,
+    IncrementalSegmentationModule,
+    PretrainedWeightsNotFound,
+    add_module_prefix,
+    load_model_state,
+    load_trusted,
+    make_model,
+    model_state_for_checkpoint,
+    strip_module_prefix,
+)
 
 torch.set_num_threads(1)
 
@@ -22,7 +29,7 @@ def _opts(**kw):
     base = dict(backbone="resnet18", output_stride=16, norm_act="iabn_sync", norm_impl="torch",
                 no_pretrained=True, pretrained_dir="pretrained", pooling=32)
     base.update(kw)
-    return SimpleNamespace(**base)
+    return build_options(**base)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from test_trainer_helpers import RecordingSGD, TinySegNet, batch, ce, grads_of, min_max, options
+from test_trainer_helpers import (
+    RecordingSGD,
+    TinySegNet,
+    batch,
+    ce,
+    grads_of,
+    min_max,
+    options,
+    regularizer_of,
+)
 
 OLD, NEW = 4, 2
 IMPORTANCE = 500          # the EWC preset's --reg_importance
@@ -51,7 +60,7 @@ def _worker(rank, init_file, out_dir):
         optim = RecordingSGD(model.parameters())
         trainer.train(0, optim, [rank_batch(rank)])
         torch.save({"grads": optim.seen[0],
-                    "fisher": trainer.regularizer.state_dict()["fisher"]},
+                    "fisher": regularizer_of(trainer).state_dict()["fisher"]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

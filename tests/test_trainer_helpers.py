@@ -33,9 +33,13 @@ class TinySegNet(nn.Module):
 
 def options(*argv, amp="off"):
     """Options as run.py gets them (presets applied), with the runtime choices resolved."""
-    opts = argparser.parse_options(["--task", "15-5", "--no_progress", *argv])
-    opts.amp = amp
-    return opts
+    return argparser.build_options(["--task", "15-5", "--no_progress", *argv], amp=amp)
+
+
+def regularizer_of(trainer):
+    """The EWC / PI / RW object of a trainer's weight-regulariser part."""
+    [part] = trainer.method.penalties
+    return part.regularizer
 
 
 def batch(seed, n_classes, size=5, n=2):

@@ -5,10 +5,23 @@ terms written out from their formulas."""
 import pytest
 import torch
 
+from engine import evaluate
 from metrics import StreamSegMetrics
-from test_trainer_helpers import (RecordingSGD, TinySegNet, batch, bce_ignore, ce, feature_mse,
-                                  grads_of, icarl_combined, icarl_disjoint, kd, options,
-                                  unbiased_ce, unbiased_kd)
+from test_trainer_helpers import (
+    RecordingSGD,
+    TinySegNet,
+    batch,
+    bce_ignore,
+    ce,
+    feature_mse,
+    grads_of,
+    icarl_combined,
+    icarl_disjoint,
+    kd,
+    options,
+    unbiased_ce,
+    unbiased_kd,
+)
 from train import Trainer
 
 CPU = torch.device("cpu")
@@ -157,7 +170,9 @@ def test_validation_reports_unweighted_distillation_and_weighted_icarl(method):
             expected.append([float(v) for v in VALIDATION[method](z, zo, f["body"], fo["body"],
                                                                   labels)])
     metrics = StreamSegMetrics(OLD + NEW)
-    (class_loss, reg_loss), score, _ = trainer.validate(batches, metrics)
+    evaluation = evaluate(model, batches, metrics, CPU, losses=trainer.validation_losses,
+                          forward_kwargs=trainer.validation_kwargs())
+    (class_loss, reg_loss), score = evaluation.loss, evaluation.score
     assert class_loss == pytest.approx(sum(e[0] for e in expected) / 2, rel=1e-5)
     assert reg_loss == pytest.approx(sum(e[1] for e in expected) / 2, rel=1e-5, abs=1e-7)
     assert score["Total samples"] == 4

@@ -5,8 +5,17 @@ penalty; and one iteration runs in the original's order."""
 import pytest
 import torch
 
-from test_trainer_helpers import (RecordingSGD, TinySegNet, batch, ce, grads_of, min_max,
-                                  options)
+from engine import evaluate
+from test_trainer_helpers import (
+    RecordingSGD,
+    TinySegNet,
+    batch,
+    ce,
+    grads_of,
+    min_max,
+    options,
+    regularizer_of,
+)
 from train import Trainer
 from utils.scheduler import PolyLR
 
@@ -85,7 +94,7 @@ def test_ewc_update_sees_the_task_gradient_before_the_penalty_is_added():
     z, _ = model(images)
     task = dict(zip(params, grads_of(ce(z, labels), list(params.values()))))
     trainer.train(0, RecordingSGD(params.values()), [(images, labels)])
-    fisher = trainer.regularizer.state_dict()["fisher"]
+    fisher = regularizer_of(trainer).state_dict()["fisher"]
     for n in params:
         before = state["fisher"].get(f"module.{n}", torch.ones_like(params[n]))
         torch.testing.assert_close(fisher[f"module.{n}"], 0.9 * task[n] ** 2 + 0.1 * before,
@@ -128,7 +137,7 @@ def test_fp16_loss_scaler_regulariser_sees_unscaled_gradients():
     assert len(optim.seen) == 1, "the scaler skipped the step (overflow)"
     for got, t, p in zip(optim.seen[0], task, penalty):
         torch.testing.assert_close(got, t + 500 * p, rtol=2e-2, atol=2e-3)
-    fisher = trainer.regularizer.state_dict()["fisher"]
+    fisher = regularizer_of(trainer).state_dict()["fisher"]
     for (n, _), t in zip(params.items(), task):
         before = state["fisher"].get(f"module.{n}", torch.ones_like(t))
         torch.testing.assert_close(fisher[f"module.{n}"], 0.9 * t ** 2 + 0.1 * before,
@@ -158,8 +167,8 @@ def spy_on(trainer, model, model_old, max_iters, events):
     optim = RecordingSGD(model.parameters(), lr=0.01, events=events)
     scheduler = PolyLR(optim, max_iters=max_iters)
     wrap(scheduler, "step", "scheduler")
-    wrap(trainer.regularizer, "update", "update", grads_present)
-    wrap(trainer.regularizer, "penalty", "penalty")
+    wrap(regularizer_of(trainer), "update", "update", grads_present)
+    wrap(regularizer_of(trainer), "penalty", "penalty")
     return optim, scheduler
 
 
@@ -193,7 +202,8 @@ def test_validation_reports_the_penalty_unweighted():
     penalty = float(expected_penalty(model, model_old, penalty_weights("ewc", state)).detach())
     with torch.no_grad():
         class_loss = float(ce(model(images)[0], labels))
-    (got_class, got_reg), _, _ = trainer.validate([(images, labels)],
-                                                  StreamSegMetrics(OLD + NEW))
+    evaluation = evaluate(model, [(images, labels)], StreamSegMetrics(OLD + NEW), CPU,
+                          losses=trainer.validation_losses)
+    got_class, got_reg = evaluation.loss
     assert got_class == pytest.approx(class_loss, rel=1e-5)
     assert got_reg == pytest.approx(penalty, rel=1e-5)      # not 500 x penalty

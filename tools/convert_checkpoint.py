@@ -29,10 +29,14 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 import torch  # noqa: E402
 
 from modules.resnet import RESNET_STRUCTURES  # noqa: E402
-from segmentation_module import (PREFIX, add_module_prefix,  # noqa: E402
-                                 strip_module_prefix)
-from utils.checkpoint import (CheckpointError, atomic_torch_save,  # noqa: E402
-                              classes_in_state, load_trusted)
+from segmentation_module import PREFIX, add_module_prefix, strip_module_prefix  # noqa: E402
+from utils.checkpoint import (  # noqa: E402
+    CHECKPOINT_FORMAT,
+    atomic_torch_save,
+    classes_in_state,
+    is_unfinished,
+    load_trusted,
+)
 from utils.errors import UserError  # noqa: E402
 
 MODEL_ENTRIES = ("model_state", "state_dict")
@@ -104,6 +108,7 @@ def describe(checkpoint, path, list_keys=False):
         lines.append("classes per step: none (no cls.<k>.weight: a body-only file)")
     if isinstance(checkpoint, dict) and "epoch" in checkpoint:
         lines.append(f"epoch: {checkpoint['epoch']}")
+    lines += record_lines(checkpoint)
     plain = strip_module_prefix(state)
     if any(k.startswith("classifier.fc.") for k in plain):
         lines.append("ImageNet classifier: present (dropped when loading the body)")
@@ -115,6 +120,18 @@ def describe(checkpoint, path, list_keys=False):
         lines += [f"  {k}\t{list(v.shape) if torch.is_tensor(v) else type(v).__name__}"
                   for k, v in state.items()]
     return lines
+
+
+def record_lines(checkpoint):
+    """What the checkpoint's record (``meta``, see utils/checkpoint.py) says of the run."""
+    meta = checkpoint.get("meta") if isinstance(checkpoint, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        return ["written by: the original code or another tool (no record of the run)"]
+    method = (meta.get("fingerprint") or {}).get("method")
+    state = "unfinished" if is_unfinished(checkpoint) else "finished"
+    return [f"written by: this project ({meta['format']}), {state} step {meta['step']} of "
+            f"{meta['task']}-{meta['dataset']}, run '{meta['name']}', method {method}, "
+            f"{meta['epochs']} epochs"]
 
 
 def rewrite(checkpoint, add_prefix):

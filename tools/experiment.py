@@ -21,7 +21,6 @@ shared CPU, one process with two threads is many times slower than two one-threa
 as soon as anything else runs.
 """
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -36,6 +35,7 @@ if ROOT not in sys.path:
 
 from utils.checkpoint import CheckpointError, read_json, step_checkpoint_path  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.events import read_events  # noqa: E402
 
 TASK = "15-5"
 DATASET = "voc"
@@ -44,10 +44,7 @@ METHODS = ("FT", "LWF", "LWF-MC", "ILT", "EWC", "PI", "RW", "MiB")
 STEP0_OF = {"FT": "FT", "LWF": "FT", "ILT": "FT", "MiB": "FT",
             "LWF-MC": "LWF-MC", "EWC": "EWC", "PI": "PI", "RW": "RW"}
 
-# a tqdm bar update ("desc: 40%|####  | 4/10 [00:01<00:01, ...]"), maybe with text after it
-_ANY_BAR = re.compile(r"^[^|]*:\s*\d+%\|[^|]*\|\s*\d+/\d+ \[[^\]]*\]")
-_BAR = re.compile(r"^epoch (\d+):\s*\d+%\|[^|]*\|\s*(\d+)/(\d+) \[")   # the training bar
-_END_OF_EPOCH = re.compile(r"End of Epoch (\d+)/(\d+)")
+POLL_SECONDS = 0.5      # how often a running job's records are read
 
 
 class ExperimentError(UserError, RuntimeError):
@@ -98,6 +95,8 @@ class Job:
     args: list
     epochs: int
     console: str
+    logdir: str          # the run's log dir, where it writes events.jsonl
+    step: int = 0
     after: str = None    # name of the job whose checkpoint this one starts from
     seconds: float = None
 
@@ -117,8 +116,12 @@ def checkpoint_path(cfg, name, step):
     return step_checkpoint_path(cfg.checkpoint_dir, TASK_NAME, name, step)
 
 
+def run_logdir(cfg, name):
+    return os.path.join(cfg.logdir, TASK_NAME, name)
+
+
 def results_dir(cfg, name):
-    return os.path.join(cfg.logdir, TASK_NAME, name, "results")
+    return os.path.join(run_logdir(cfg, name), "results")
 
 
 def tensorboard_dir(cfg):
@@ -164,7 +167,8 @@ def step0_job(cfg, group, seed=42, suffix=""):
     args = common_args(cfg, name, seed) + [
         "--step", "0", "--method", group, "--epochs", str(cfg.epochs0),
         "--val_interval", str(cfg.epochs0), "--lr", str(cfg.lr0)]
-    return Job(name, args, cfg.epochs0, os.path.join(cfg.out, "console", name + ".txt"))
+    return Job(name, args, cfg.epochs0, os.path.join(cfg.out, "console", name + ".txt"),
+               run_logdir(cfg, name), step=0)
 
 
 def step1_job(cfg, method, seed=42, suffix=""):
@@ -176,7 +180,7 @@ def step1_job(cfg, method, seed=42, suffix=""):
         "--epochs", str(cfg.epochs1), "--val_interval", str(cfg.epochs1),
         "--lr", str(cfg.step1_lr(method))]
     return Job(name, args, cfg.epochs1, os.path.join(cfg.out, "console", name + ".txt"),
-               after=step0_name(STEP0_OF[method], suffix))
+               run_logdir(cfg, name), step=1, after=step0_name(STEP0_OF[method], suffix))
 
 
 def plan(cfg, methods, seeds):
@@ -196,29 +200,24 @@ def command_text(args):
 
 
 def run_job(job, threads=1, on_progress=None):
-    """Run ``python run.py`` for ``job`` (its output goes to ``job.console``, progress bars
-    left out); ``on_progress(epochs)`` hears how many epochs of it are done."""
+    """Run ``python run.py`` for ``job`` (its output goes to ``job.console``);
+    ``on_progress(epochs)`` hears how many epochs of it are done, read from the run's
+    ``events.jsonl``."""
     os.makedirs(os.path.dirname(job.console), exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
     start = time.time()
-    done = 0.0
+    before = len(read_events(job.logdir))      # records of earlier runs of this log dir
     with open(job.console, "w", encoding="utf-8") as log:
         log.write(command_text(job.args) + "\n\n")
         log.flush()
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), *job.args],
-                                cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), *job.args,
+                                 "--no_progress"], cwd=ROOT, env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
-        pending = b""
-        while True:
-            chunk = proc.stdout.read1(65536)
-            if not chunk:
-                break
-            pieces = re.split(rb"[\r\n]", pending + chunk)
-            pending = pieces.pop()
-            for piece in pieces:
-                done = _follow(piece.decode("utf-8", "replace"), done, log, on_progress)
-        _follow(pending.decode("utf-8", "replace"), done, log, on_progress)
+        while proc.poll() is None:
+            time.sleep(POLL_SECONDS)
+            if on_progress is not None:
+                on_progress(epochs_done(read_events(job.logdir)[before:], job.step))
         code = proc.wait()
     if code != 0:
         with open(job.console, encoding="utf-8") as f:
@@ -231,24 +230,17 @@ def run_job(job, threads=1, on_progress=None):
     return job.seconds
 
 
-def _follow(line, done, log, on_progress):
-    """Epochs done, from one line of a run's output; log lines are kept, bars dropped."""
-    bar = _ANY_BAR.match(line)
-    if bar:
-        epoch_bar = _BAR.match(line)
-        if epoch_bar:
-            epoch, i, n = (int(g) for g in epoch_bar.groups())
-            done = max(done, epoch - 1 + i / max(n, 1))
-        line = line[bar.end():]          # what was printed right after a bar (an error)
-    if line.strip():
-        log.write(line + "\n")
-        log.flush()
-        end = _END_OF_EPOCH.search(line)
-        if end:
-            done = max(done, int(end.group(1)) + 1.0)
-    if on_progress is not None:
-        on_progress(done)
-    return done
+def epochs_done(records, step):
+    """Epochs of ``step`` finished, from a run's records (a resumed run starts further)."""
+    done = 0
+    for r in records:
+        if r.get("step") != step:
+            continue
+        if r["event"] == "start":
+            done = r.get("start_epoch", 0)
+        elif r["event"] == "epoch":
+            done = max(done, r["epoch"] + 1)
+    return float(done)
 
 
 def run_jobs(jobs, parallel=2, progress=None, report=None):

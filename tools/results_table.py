@@ -36,10 +36,9 @@ if __package__ in (None, ""):          # run as a script: make the project impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tasks  # noqa: E402
-from utils.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text  # noqa: E402
+from utils.checkpoint import atomic_write_bytes, atomic_write_text  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.results import (ResultsError, class_iou_figure, load_results,  # noqa: E402
-                           new_figure)
+from utils.results import class_iou_figure, load_results, new_figure  # noqa: E402
 
 METRICS = ("old", "new", "all", "avg")
 # the MiB paper's row order; other rows follow alphabetically

@@ -1,13 +1,26 @@
-"""Checkpoint and result-file I/O: atomic writes, loads that name the file and the reason.
+"""Checkpoints: atomic file I/O, the ``module.`` key prefix, and the schema of a step
+checkpoint (its entries, the record of the run that wrote it, the checks before it is used,
+and what an exact resume needs).
 
 Every file is written to a temporary file in the same folder, flushed to disk and renamed
-into place, so a crash or a full disk never leaves a truncated file where a good one was."""
+into place, so a crash or a full disk never leaves a truncated file where a good one was.
+
+A step checkpoint holds the original's entries (``epoch``, ``model_state`` with ``module.``
+keys, ``optimizer_state``, ``scheduler_state``, ``best_score``, ``trainer_state``), so files
+move both ways between the original and this project, plus ``scaler_state``, ``meta`` (format
+tag, task, classes, epochs, the options' fingerprint) and ``resume_state`` (RNG states, the
+trainer's full state, the last validation figures) for an exact resume."""
 import hashlib
 import json
 import os
+import random
 import tempfile
+from collections import OrderedDict
 
+import numpy as np
 import torch
+
+from .compile import unwrap
 from .errors import UserError
 
 # mkstemp creates files readable by the owner only; give them the usual permissions
@@ -113,3 +126,183 @@ def classes_in_state(model_state):
 def step_checkpoint_path(checkpoint_dir, task_name, name, step):
     """The original's file name: ``<dir>/<task>-<dataset>_<name>_<step>.pth``."""
     return os.path.join(checkpoint_dir, f"{task_name}_{name}_{step}.pth")
+
+
+# --- model state dicts: the module. prefix ------------------------------------------------
+
+def strip_module_prefix(state):
+    """Keys without the leading ``module.`` (keys without it are kept as they are)."""
+    return OrderedDict((k[len(PREFIX):] if k.startswith(PREFIX) else k, v)
+                       for k, v in state.items())
+
+
+def add_module_prefix(state):
+    """Keys with a leading ``module.`` (keys that have it are kept as they are)."""
+    return OrderedDict((k if k.startswith(PREFIX) else PREFIX + k, v) for k, v in state.items())
+
+
+def _examples(keys, limit=3):
+    keys = list(keys)
+    more = f", ... ({len(keys)} in all)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_model_state(model, state, strict=True, source="checkpoint"):
+    """Load ``state`` (keys with or without ``module.``; ``num_batches_tracked`` ignored)
+    into ``model`` (wrapped or not). ``strict=False`` tolerates missing and unexpected keys,
+    e.g. the newest classifier when loading the previous step; the result lists them
+    (``.missing_keys``, ``.unexpected_keys``). Shape mismatches are always an error."""
+    target = unwrap(model)
+    state = OrderedDict((k, v) for k, v in strip_module_prefix(state).items()
+                        if not k.endswith("num_batches_tracked"))
+    own = target.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [f"{k} {list(v.shape)} vs model {list(own[k].shape)}"
+                   for k, v in state.items()
+                   if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
+    problems = []
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} with another shape ({_examples(wrong_shape)})")
+    if strict and missing:
+        problems.append(f"{len(missing)} missing ({_examples(missing)})")
+    if strict and unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({_examples(unexpected)})")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model: keys " + "; ".join(problems)
+                              + " - check --backbone, --dataset, --task and --step")
+    return target.load_state_dict(state, strict=strict)
+
+
+def model_state_for_checkpoint(model):
+    """The model's state dict as the original writes it (every key prefixed ``module.``),
+    so files move both ways between the two projects."""
+    return add_module_prefix(unwrap(model).state_dict())
+
+
+# --- the schema of a step checkpoint ------------------------------------------------------
+
+CHECKPOINT_FORMAT = "mib-port/1"
+
+# Options that change what a step trains; an interrupted run resumes, and a finished step is
+# skipped, only when they match (the methods add their own options to these).
+FINGERPRINT_KEYS = (
+    "task", "dataset", "step", "epochs", "batch_size", "crop_size", "lr", "momentum",
+    "weight_decay", "lr_policy", "lr_power", "lr_decay_step", "lr_decay_factor", "backbone",
+    "output_stride", "norm_act", "overlap", "no_mask", "bce", "unce", "loss_kd", "unkd",
+    "alpha", "loss_de", "init_balanced", "icarl", "icarl_importance", "icarl_disjoint",
+    "icarl_bkg", "regularizer", "reg_importance", "reg_alpha", "reg_no_normalize",
+    "reg_iterations", "fix_bn", "freeze", "random_seed", "cross_val", "train_void_as_ignore",
+    "amp", "no_pretrained",
+)
+
+
+def fingerprint(opts, world_size, extra_keys=()):
+    """The options that shape a step's training, the method and the number of processes."""
+    fp = {k: getattr(opts, k) for k in FINGERPRINT_KEYS + tuple(extra_keys)}
+    fp["method"] = opts.method
+    fp["world_size"] = world_size
+    return fp
+
+
+def fingerprint_changes(recorded, now):
+    """``option: before -> now`` for every option that differs. An option the record does
+    not have (a file written before the option existed) is not compared."""
+    return [f"{k}: {recorded[k]!r} -> {now[k]!r}" for k in now
+            if k in recorded and recorded[k] != now[k]]
+
+
+def checkpoint_meta(opts, classes, fingerprint_now):
+    return {"format": CHECKPOINT_FORMAT, "task": opts.task, "dataset": opts.dataset,
+            "step": opts.step, "name": opts.name, "backbone": opts.backbone,
+            "output_stride": opts.output_stride, "norm_act": opts.norm_act,
+            "classes": list(classes), "epochs": opts.epochs, "fingerprint": fingerprint_now}
+
+
+def rng_states():
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rng_states(states):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def check_checkpoint_fits(ckpt, path, opts, classes, what):
+    """A checkpoint of another task, dataset, backbone or number of classes is an error."""
+    if "model_state" not in ckpt:
+        raise CheckpointError(f"{what} {path} has no 'model_state' entry; is it a step "
+                              "checkpoint of this project or of the original code?")
+    meta = ckpt.get("meta") or {}
+    for key in ("dataset", "task", "backbone"):
+        if key in meta and meta[key] != getattr(opts, key):
+            raise CheckpointError(f"{what} {path} was made with --{key} {meta[key]}, this run "
+                                  f"uses --{key} {getattr(opts, key)}")
+    found = classes_in_state(ckpt["model_state"])
+    if found != list(classes):
+        raise CheckpointError(f"{what} {path} has classifiers for classes per step {found}, "
+                              f"but step {len(classes) - 1} of {opts.task}-{opts.dataset} needs "
+                              f"{list(classes)}; is it from another task or step?")
+
+
+def check_resumable(ckpt, path, fingerprint_now):
+    """An unfinished step continues only from a checkpoint of this project written with the
+    same options."""
+    meta = ckpt.get("meta")
+    if meta is None or meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} exists but has no record of the run that wrote it (made "
+                              "by the original code?); pass --ckpt to resume from it, or "
+                              "--resume never to train from scratch and replace it")
+    diff = fingerprint_changes(meta["fingerprint"], fingerprint_now)
+    if diff:
+        raise CheckpointError(f"{path} is an unfinished run with other options "
+                              f"({'; '.join(diff)}); rerun with the same options to resume it, "
+                              "or with --resume never to start over and replace it")
+
+
+def is_unfinished(ckpt):
+    """A checkpoint written before the last epoch of its step (per-epoch resume points)."""
+    meta = ckpt.get("meta") or {}
+    return "epochs" in meta and ckpt.get("epoch", meta["epochs"]) < meta["epochs"]
+
+
+def build_checkpoint(*, epoch, model, optimizer, scheduler, best_score, trainer, meta,
+                     val_results):
+    """A step checkpoint: the original's entries and ``module.`` names, plus what an exact
+    resume needs."""
+    return {
+        "epoch": epoch,
+        "model_state": model_state_for_checkpoint(model),
+        "optimizer_state": optimizer.state_dict(),
+        "scheduler_state": scheduler.state_dict(),
+        "best_score": best_score,
+        "trainer_state": trainer.state_dict(),
+        "scaler_state": trainer.scaler.state_dict(),
+        "meta": meta,
+        "resume_state": {"rng": rng_states(), "trainer": trainer.full_state(),
+                         "val_results": val_results},
+    }
+
+
+def restore_checkpoint(ckpt, path, *, model, optimizer, scheduler, trainer):
+    """Continue a step from its checkpoint: strict model load, optimiser, scheduler; the
+    trainer state exactly when this project wrote the file (with the RNG states), else as
+    the original resumes it. Returns (next epoch, best score, last validation results)."""
+    load_model_state(model, ckpt["model_state"], strict=True, source=f"checkpoint {path}")
+    optimizer.load_state_dict(ckpt["optimizer_state"])
+    scheduler.load_state_dict(ckpt["scheduler_state"])
+    resume = ckpt.get("resume_state")
+    if resume is not None:
+        trainer.load_full_state(resume["trainer"])
+        restore_rng_states(resume["rng"])
+    else:
+        if ckpt.get("trainer_state"):
+            trainer.load_state_dict(ckpt["trainer_state"])
+        if ckpt.get("scaler_state"):
+            trainer.scaler.load_state_dict(ckpt["scaler_state"])
+    return ckpt["epoch"] + 1, ckpt.get("best_score", 0.0), (resume or {}).get("val_results")

@@ -33,3 +33,11 @@ class CompiledWithFallback(nn.Module):
 
 def maybe_compile(module, enabled):
     return CompiledWithFallback(module) if enabled else module
+
+
+def unwrap(model):
+    """The network inside DDP / DataParallel / ``--compile`` wrappers (or the model itself)."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel, CompiledWithFallback)
+    while isinstance(model, wrappers):
+        model = model.module
+    return getattr(model, "_orig_mod", model)  # a bare torch.compile result

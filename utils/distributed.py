@@ -29,6 +29,20 @@ class DistContext:
         return self.rank == 0
 
 
+_CONTEXT = None
+
+
+def context():
+    """The process context the entry point set up (``setup``); a plain single process when
+    there is none, or the process group's rank and size when one was made by other code
+    (tests that spawn processes themselves)."""
+    if _CONTEXT is not None:
+        return _CONTEXT
+    if dist.is_initialized():
+        return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size())
+    return DistContext()
+
+
 def launched_by_launcher():
     """torchrun and the legacy launcher export WORLD_SIZE, RANK and MASTER_ADDR."""
     return all(k in os.environ for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"))
@@ -44,22 +58,27 @@ def resolve_device(device_opt, local_rank):
 
 def setup(device_opt="auto", local_rank=0):
     """Create the process group when launched by a launcher; ``nccl`` on CUDA, ``gloo`` on CPU."""
+    global _CONTEXT
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank))
     device = resolve_device(device_opt, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not launched_by_launcher():
-        return DistContext(rank=0, world_size=1, local_rank=local_rank, device=device)
+        _CONTEXT = DistContext(rank=0, world_size=1, local_rank=local_rank, device=device)
+        return _CONTEXT
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=backend, init_method="env://",
                                 timeout=datetime.timedelta(minutes=30), **kwargs)
-    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                       local_rank=local_rank, device=device, backend=backend)
+    _CONTEXT = DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                           local_rank=local_rank, device=device, backend=backend)
+    return _CONTEXT
 
 
 def cleanup():
+    global _CONTEXT
+    _CONTEXT = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -114,13 +133,12 @@ def _shared_outcome(run_here, fn):
 def on_main(fn):
     """``fn()`` on rank 0 only (writing files); a failure there stops every process with
     its message instead of leaving the others waiting in the next collective."""
-    is_main = not dist.is_initialized() or dist.get_rank() == 0
-    return _shared_outcome(is_main, fn)
+    return _shared_outcome(context().is_main, fn)
 
 
 def main_first(fn):
     """``fn()`` on rank 0 first (it writes the index caches), then on the other ranks; a
     failure on rank 0 stops every process."""
-    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    is_main = context().is_main
     result = _shared_outcome(is_main, fn)
     return fn() if not is_main else result

@@ -21,7 +21,8 @@ class _TqdmHandler(logging.StreamHandler):
 
 
 # Loggers of the project's packages (index lists, data scans, ...) go to the same place.
-PROJECT_LOGGERS = ("dataset", "modules", "metrics", "utils", "segmentation_module", "train")
+PROJECT_LOGGERS = ("dataset", "modules", "metrics", "utils", "segmentation_module", "train",
+                   "methods", "engine")
 
 
 class Logger:

@@ -18,6 +18,7 @@ against it keeps working. Conventions shared by every term here:
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from .errors import UserError
 
 __all__ = [

@@ -21,6 +21,7 @@ the penalty is disabled, a 0-dim tensor otherwise).
 import logging
 
 import torch
+
 from .checkpoint import PREFIX
 from .errors import UserError
 

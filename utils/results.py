@@ -18,11 +18,12 @@ from collections.abc import Mapping
 from metrics.summaries import summarize_iou
 from utils.checkpoint import atomic_write_text
 from utils.figures import new_figure
+
 from .errors import UserError
 
 __all__ = ["RESULTS_FORMAT", "REQUIRED_KEYS", "ResultsError", "CSV_COLUMNS",
-           "result_paths", "build_step_results", "write_step_results", "load_results",
-           "class_iou_figure", "new_figure"]
+           "result_paths", "build_step_results", "write_step_results", "write_results",
+           "load_results", "class_iou_figure", "new_figure"]
 
 RESULTS_FORMAT = 1
 REQUIRED_KEYS = ("task", "dataset", "step", "name", "method", "seed", "opts", "labels_per_step",
@@ -204,6 +205,18 @@ def write_step_results(results_dir, *, task, dataset, step, name, method, seed, 
     atomic_write_text(csv_path, _csv_text(rows))
     atomic_write_text(json_path, text)
     return json_path, csv_path
+
+
+def write_results(logdir, opts, results):
+    """The result files of a run's step: ``<logdir>/results/step-<N>.json`` and ``.csv``
+    from the options of the run and the test figures. Returns (json_path, csv_path)."""
+    import tasks
+    options = {k: v for k, v in vars(opts).items() if not k.startswith("_")}
+    return write_step_results(
+        os.path.join(logdir, "results"), task=opts.task, dataset=opts.dataset, step=opts.step,
+        name=opts.name, method=opts.method, seed=opts.random_seed, opts=options,
+        labels_per_step=tasks.get_task_dict(opts.dataset, opts.task, opts.step),
+        results=results)
 
 
 def load_results(path):

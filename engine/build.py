@@ -1,0 +1,184 @@
+"""Building one step, in the original's order (docs/behaviour.md §10.1): seeds, datasets and
+loaders, the networks (the previous step's weights in the new and the old model), the
+method's ``before_step`` hooks, optimiser and scheduler, the DDP / compile wrappers, the
+trainer. Each function returns what it builds."""
+import copy
+import inspect
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import methods
+from dataset.factory import get_dataset, index_folder
+from dataset.loader import build_loader
+from segmentation_module import make_model
+from train import AMP_DTYPES, Trainer
+from utils import distributed
+from utils.checkpoint import CheckpointError, check_checkpoint_fits, is_unfinished, load_model_state
+from utils.compile import maybe_compile
+from utils.errors import RunError
+from utils.scheduler import make_scheduler
+
+
+@dataclass
+class StepData:
+    train: object
+    val: object
+    test: object
+    n_classes: int            # classes seen so far (the metrics' size)
+    train_loader: object
+    val_loader: object
+    test_loader: object
+
+
+@dataclass
+class StepModels:
+    model: torch.nn.Module          # the bare network being trained
+    model_old: torch.nn.Module      # the previous step's network (None at step 0)
+    train_model: torch.nn.Module    # ``model`` inside its DDP / compile wrappers
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    prev_trainer_state: dict        # what the previous step carried over (or None)
+
+
+def set_seeds(seed):
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_data(opts, ctx, logger, training=True):
+    """Datasets (index lists written by rank 0 first) and their loaders."""
+    set_seeds(opts.random_seed)
+    train_dst, val_dst, test_dst, n_classes = distributed.main_first(
+        lambda: get_dataset(opts, rank=ctx.rank))
+    random.seed(opts.random_seed)  # the dataset build may have used the generator
+    logger.info(f"Dataset: {opts.dataset}, train set: {len(train_dst)}, "
+                f"val set: {len(val_dst)}, test set: {len(test_dst)}, n_classes: {n_classes}")
+    if training and len(train_dst) == 0:
+        raise RunError(f"no training image of step {opts.step} of {opts.task} in "
+                       f"{opts.data_root}; check --data_root and the index lists in "
+                       f"{index_folder(opts)}")
+    common = dict(num_workers=opts.num_workers, seed=opts.random_seed, rank=ctx.rank,
+                  world_size=ctx.world_size, pin_memory=ctx.device.type == "cuda")
+    train_loader = build_loader(train_dst, opts.batch_size, shuffle=True, drop_last=True,
+                                **common)
+    eval_batch = opts.batch_size if opts.crop_val else 1
+    val_loader = build_loader(val_dst, eval_batch, shuffle=True, drop_last=False, **common)
+    test_loader = build_loader(test_dst, eval_batch, shuffle=True, drop_last=False, **common)
+    if training and len(train_loader) == 0:
+        raise RunError(f"the training set of step {opts.step} has {len(train_dst)} images, "
+                       f"fewer than one batch of {opts.batch_size} per process; lower "
+                       "--batch_size")
+    return StepData(train_dst, val_dst, test_dst, n_classes, train_loader, val_loader,
+                    test_loader)
+
+
+def memory_format(opts):
+    return torch.channels_last if opts.channels_last == "on" else torch.contiguous_format
+
+
+def make_network(opts, classes, pretrained=True):
+    """A network for ``classes``; ImageNet weights only when asked and the options want them
+    (weights that a checkpoint overwrites need no ImageNet file: same numbers)."""
+    net_opts = opts
+    if not pretrained and not opts.no_pretrained:
+        net_opts = copy.copy(opts)
+        net_opts.no_pretrained = True
+    return make_model(net_opts, classes=classes)
+
+
+def make_optimizer(model, opts):
+    """SGD with Nesterov momentum; groups body, head, classifiers (docs/behaviour.md §7.1)."""
+    groups = []
+    if not opts.freeze:
+        groups.append({"params": [p for p in model.body.parameters() if p.requires_grad],
+                       "weight_decay": opts.weight_decay})
+    groups.append({"params": [p for p in model.head.parameters() if p.requires_grad],
+                   "weight_decay": opts.weight_decay})
+    groups.append({"params": [p for p in model.cls.parameters() if p.requires_grad],
+                   "weight_decay": opts.weight_decay})
+    # one fused kernel for all parameters on CUDA; the same update rule everywhere
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    return torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum, nesterov=True, **fused)
+
+
+def wrap_ddp(model, ctx):
+    """DDP when there are several processes; the model itself otherwise."""
+    if ctx.world_size <= 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    # no buffer broadcast in forward, as the original's apex DDP (the keyword was renamed)
+    no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in
+               inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
+    return DistributedDataParallel(model, device_ids=ids, **{no_sync: False})
+
+
+def step_info(opts, ctx, classes, logger=None):
+    return methods.StepInfo(opts, list(classes), ctx.device, rank=ctx.rank,
+                            world_size=ctx.world_size, logger=logger)
+
+
+def build_models(opts, ctx, classes, data, method, logger, prev_ckpt=None, prev_path=None):
+    """The network (and the old one at step > 0) with the previous step's weights, the
+    method's ``before_step`` hooks run on them, the optimiser, the scheduler, the wrappers."""
+    device = ctx.device
+    later = opts.step > 0
+    model = make_network(opts, classes, pretrained=not later)
+    model_old = make_network(opts, classes[:-1], pretrained=False) if later else None
+    if opts.fix_bn:
+        model.fix_bn()
+    model.to(device, memory_format=memory_format(opts))
+    if model_old is not None:
+        model_old.to(device, memory_format=memory_format(opts))
+    optimizer = make_optimizer(model, opts)
+    scheduler = make_scheduler(optimizer, opts.lr_policy, opts.epochs * len(data.train_loader),
+                               power=opts.lr_power, decay_step=opts.lr_decay_step,
+                               decay_factor=opts.lr_decay_factor)
+    prev_trainer_state = None
+    if later:
+        prev_trainer_state = load_previous_step(opts, classes, model, model_old, prev_ckpt,
+                                                prev_path, logger)
+        method.before_step(methods.StepState(model=model, model_old=model_old,
+                                             train_loader=data.train_loader, device=device,
+                                             logger=logger, amp_dtype=AMP_DTYPES[opts.amp]))
+    train_model = maybe_compile(wrap_ddp(model, ctx), opts.compile)
+    return StepModels(model, model_old, train_model, optimizer, scheduler, prev_trainer_state)
+
+
+def load_previous_step(opts, classes, model, model_old, ckpt, path, logger):
+    """The previous step's weights into the new network (its newest classifier stays as
+    built) and the old one (strictly, then frozen). Returns its trainer state."""
+    state = None
+    if ckpt is None:
+        logger.warning(f"previous-step checkpoint {path} not found; continuing because of "
+                       "--debug (the old model keeps random weights)")
+    else:
+        check_checkpoint_fits(ckpt, path, opts, classes[:-1], "previous-step checkpoint")
+        if is_unfinished(ckpt):
+            msg = (f"previous-step checkpoint {path} is from an unfinished run (epoch "
+                   f"{ckpt['epoch'] + 1} of {ckpt['meta']['epochs']}); finish step "
+                   f"{opts.step - 1} first")
+            if not opts.debug:
+                raise CheckpointError(msg)
+            logger.warning(msg)
+        source = f"previous-step checkpoint {path}"
+        load_model_state(model, ckpt["model_state"], strict=False, source=source)
+        load_model_state(model_old, ckpt["model_state"], strict=True, source=source)
+        state = ckpt.get("trainer_state")
+        logger.info(f"[!] Previous model loaded from {path}")
+    for p in model_old.parameters():
+        p.requires_grad = False
+    model_old.eval()
+    return state
+
+
+def build_trainer(opts, ctx, classes, models, method, logger):
+    return Trainer(models.train_model, models.model_old, ctx.device, opts,
+                   trainer_state=models.prev_trainer_state, classes=classes, logger=logger,
+                   method=method, dist=ctx)

@@ -1,0 +1,107 @@
+"""Evaluation: one function for validation and for the test phase, and the test phase itself
+(docs/behaviour.md §10.6, §10.8)."""
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from utils import distributed
+from utils.checkpoint import check_checkpoint_fits, load_model_state, load_trusted
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    score: dict                  # StreamSegMetrics.get_results() (valid on rank 0)
+    loss: tuple = None           # (main, other terms) per batch over all processes, or None
+    samples: list = field(default_factory=list)   # (image, target, prediction) numpy arrays
+    images: int = 0              # images evaluated by all processes (padding included)
+    seconds: float = 0.0
+
+
+def evaluate(model, loader, metrics, device, amp_dtype=None, *, channels_last=False,
+             losses=None, forward_kwargs=None, sample_ids=(), progress=True, desc="validate"):
+    """Predictions of ``model`` (eval mode, ``torch.inference_mode``, autocast to
+    ``amp_dtype`` if given) on every batch of ``loader``, counted in ``metrics`` and summed
+    over processes on rank 0. ``losses(images, labels, outputs, features) -> (main, reg)``
+    adds the loss figures; ``sample_ids`` are the batch indices whose first image is kept."""
+    ctx = distributed.context()
+    metrics.reset()
+    model.eval()
+    _warn_if_padded(loader, ctx)
+    wanted = {int(i) for i in sample_ids}
+    samples = []
+    main_sum = torch.zeros((), device=device)
+    reg_sum = torch.zeros((), device=device)
+    autocast = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype
+                else contextlib.nullcontext())
+    images_seen = 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i, (images, labels) in enumerate(tqdm(loader, desc=desc, leave=False,
+                                                  dynamic_ncols=True,
+                                                  disable=not (progress and ctx.is_main))):
+            images = images.to(device, dtype=torch.float32, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            labels = labels.to(device, dtype=torch.long, non_blocking=True)
+            images_seen += images.shape[0]
+            with autocast:
+                outputs, features = model(images, **(forward_kwargs or {}))
+                if losses is not None:
+                    main, reg = losses(images, labels, outputs, features)
+                    main_sum += main
+                    reg_sum += reg
+            prediction = outputs.argmax(dim=1)
+            metrics.update(labels, prediction)
+            if i in wanted:
+                samples.append((images[0].float().cpu().numpy(), labels[0].cpu().numpy(),
+                                prediction[0].cpu().numpy()))
+        metrics.synch(device)
+        score = metrics.get_results()
+        loss = None
+        if losses is not None:
+            both = torch.stack([main_sum, reg_sum])
+            distributed.reduce_sum_to_main(both)
+            denom = ctx.world_size * max(len(loader), 1)
+            loss = tuple(v / denom for v in both.tolist())
+    return Evaluation(score, loss, samples, images_seen * ctx.world_size,
+                      time.perf_counter() - start)
+
+
+def _warn_if_padded(loader, ctx):
+    """Several processes evaluate a padded split: some images count twice (Q17)."""
+    sampler = getattr(loader, "sampler", None)
+    total = len(sampler) * ctx.world_size if sampler is not None else 0
+    extra = total - len(loader.dataset) if sampler is not None else 0
+    if ctx.is_main and extra > 0:
+        log.warning(f"{extra} image(s) of {len(loader.dataset)} are evaluated twice: the split "
+                    f"is padded to a multiple of the {ctx.world_size} processes (as the "
+                    "original; a single process scores every image once)")
+
+
+def test_phase(opts, ctx, classes, test_loader, n_classes, ckpt_path, logger,
+               val_results=None):
+    """The test phase: a fresh network loaded strictly from the step's checkpoint (or
+    ``--ckpt``), evaluated in fp32 as the original tests outside apex AMP, so ``--test``
+    reproduces the figures of the training run exactly. Returns (Evaluation, val_results
+    recorded in the checkpoint)."""
+    from engine.build import make_network, memory_format, wrap_ddp
+    from metrics import StreamSegMetrics
+    ckpt = load_trusted(ckpt_path, "checkpoint")
+    check_checkpoint_fits(ckpt, ckpt_path, opts, classes, "checkpoint")
+    model = make_network(opts, classes, pretrained=False)
+    load_model_state(model, ckpt["model_state"], strict=True, source=f"checkpoint {ckpt_path}")
+    recorded = (ckpt.get("resume_state") or {}).get("val_results") or val_results
+    del ckpt
+    model.to(ctx.device, memory_format=memory_format(opts))
+    model = wrap_ddp(model, ctx)
+    logger.info(f"Testing {ckpt_path} on {len(test_loader.dataset)} images")
+    result = evaluate(model, test_loader, StreamSegMetrics(n_classes), ctx.device,
+                      channels_last=opts.channels_last == "on", progress=not opts.no_progress,
+                      desc="test")
+    return result, recorded

@@ -1,0 +1,116 @@
+"""The epoch loop of a step (docs/behaviour.md §10.2): train, validate every
+``--val_interval`` epochs, write the step checkpoint after each validation (and every
+``--ckpt_interval`` epochs, for resuming) and once more after the last epoch."""
+from metrics import StreamSegMetrics
+from train import NonFiniteLossError
+from utils import distributed
+from utils.checkpoint import atomic_torch_save, build_checkpoint
+from utils.colormap import colormap, sample_panel
+from utils.events import finite_or_none, peak_memory
+
+from .evaluate import evaluate
+
+
+def train_epochs(opts, ctx, logger, events, trainer, models, data, ckpt_path, meta, *,
+                 start_epoch=0, best_score=0.0, val_results=None, sample_ids=(),
+                 resume_path=None):
+    """Epochs ``start_epoch`` .. ``opts.epochs - 1``; returns the last validation's
+    per-class results (for the test phase's table)."""
+    val_metrics = StreamSegMetrics(data.n_classes)
+    optimizer = models.optimizer
+
+    def save(epoch, score):
+        """Rank 0 writes the checkpoint; a failure there stops every process."""
+        def write():
+            atomic_torch_save(build_checkpoint(
+                epoch=epoch, model=models.model, optimizer=optimizer,
+                scheduler=models.scheduler, best_score=score, trainer=trainer, meta=meta,
+                val_results=val_results), ckpt_path)
+            logger.info(f"[!] Checkpoint saved: {ckpt_path}")
+        distributed.on_main(write)
+
+    # the last good checkpoint: the file resumed from until this run writes its own
+    last_saved = (resume_path, start_epoch - 1) if start_epoch > 0 else None
+    for epoch in range(start_epoch, opts.epochs):
+        lr = optimizer.param_groups[0]["lr"]
+        logger.info(f"=====> Epoch {epoch}, lr = {lr:.6f}")
+        try:
+            result = trainer.train(epoch, optimizer, data.train_loader,
+                                   scheduler=models.scheduler, print_int=opts.print_interval,
+                                   logger=logger)
+        except NonFiniteLossError as e:
+            last = (f"last good checkpoint: {last_saved[0]} (after epoch {last_saved[1]})"
+                    if last_saved is not None else "no checkpoint of this step was written yet")
+            raise NonFiniteLossError(f"{e}; {last}") from e
+        total = result.main + result.reg
+        logger.info(f"End of Epoch {epoch}/{opts.epochs}, Average Loss={total}, "
+                    f"Class Loss={result.main}, Reg Loss={result.reg} "
+                    f"({result.seconds:.1f} s)")
+        logger.add_scalar("E-Loss", total, epoch)
+        logger.add_scalar("E-Loss-reg", result.reg, epoch)
+        logger.add_scalar("E-Loss-cls", result.main, epoch)
+        memory, kind = peak_memory(ctx.device)
+        events.write("epoch", step=opts.step, epoch=epoch, seconds=round(result.seconds, 3),
+                     images=result.images,
+                     images_per_s=round(result.images / max(result.seconds, 1e-9), 3),
+                     lr=lr, losses={k: finite_or_none(v) for k, v in result.terms.items()},
+                     peak_memory_mib=round(memory, 1), memory=kind)
+
+        save_now = False
+        score = best_score
+        if (epoch + 1) % opts.val_interval == 0:
+            logger.info("validate on val set...")
+            evaluation = evaluate(models.train_model, data.val_loader, val_metrics, ctx.device,
+                                  trainer.amp_dtype, channels_last=trainer.channels_last,
+                                  losses=trainer.validation_losses,
+                                  forward_kwargs=trainer.validation_kwargs(),
+                                  sample_ids=sample_ids, progress=trainer.progress)
+            val_loss, val_score = evaluation.loss, evaluation.score
+            logger.info(f"Validation, Class Loss={val_loss[0]}, Reg Loss={val_loss[1]} "
+                        "(only rank 0)")
+            logger.info(f"Done validation Epoch {epoch}")
+            logger.info(val_metrics.to_str(val_score))
+            score = float(val_score["Mean IoU"])
+            val_results = {"Class IoU": val_score["Class IoU"],
+                           "Class Acc": val_score["Class Acc"]}
+            log_validation(logger, opts.dataset, epoch, evaluation)
+            events.write("eval", split="val", step=opts.step, epoch=epoch,
+                         **eval_figures(evaluation), loss=[finite_or_none(v) for v in val_loss])
+            save_now = True
+        if (epoch + 1) % opts.ckpt_interval == 0:
+            save_now = True
+        if save_now:
+            save(epoch, score)
+            last_saved = (ckpt_path, epoch)
+    save(opts.epochs, best_score)
+    if trainer.skipped_batches:
+        logger.warning(f"{trainer.skipped_batches} batches skipped for a non-finite loss")
+    if trainer.scaler_skipped_steps:
+        logger.info(f"the fp16 loss scaler skipped {trainer.scaler_skipped_steps} optimiser "
+                    "steps (overflows; expected now and then)")
+    distributed.barrier()
+    return val_results
+
+
+def eval_figures(evaluation):
+    """The figures of an evaluation pass for ``events.jsonl``."""
+    score = evaluation.score
+    return {"seconds": round(evaluation.seconds, 3), "images": evaluation.images,
+            "images_per_s": round(evaluation.images / max(evaluation.seconds, 1e-9), 3),
+            "mean_iou": finite_or_none(score["Mean IoU"]),
+            "overall_acc": finite_or_none(score["Overall Acc"]),
+            "mean_acc": finite_or_none(score["Mean Acc"])}
+
+
+def log_validation(logger, dataset, epoch, evaluation):
+    val_loss, val_score = evaluation.loss, evaluation.score
+    logger.add_scalar("V-Loss", val_loss[0] + val_loss[1], epoch)
+    logger.add_scalar("V-Loss-reg", val_loss[1], epoch)
+    logger.add_scalar("V-Loss-cls", val_loss[0], epoch)
+    logger.add_scalar("Val_Overall_Acc", val_score["Overall Acc"], epoch)
+    logger.add_scalar("Val_MeanIoU", val_score["Mean IoU"], epoch)
+    logger.add_table("Val_Class_IoU", val_score["Class IoU"], epoch)
+    logger.add_table("Val_Acc_IoU", val_score["Class Acc"], epoch)
+    cmap = colormap(dataset)
+    for k, (img, target, lbl) in enumerate(evaluation.samples):
+        logger.add_image(f"Sample_{k}", sample_panel(img, target, lbl, cmap), epoch)

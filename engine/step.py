@@ -1,0 +1,145 @@
+"""One incremental step from start to end: the plan, the checkpoints it starts from, the
+step's parts, the epoch loop, the test phase, the result files and the run manifest."""
+import os
+import sys
+
+import numpy as np
+import torch
+
+import methods
+import tasks
+from utils import distributed
+from utils.checkpoint import check_resumable, checkpoint_meta, load_trusted, restore_checkpoint
+from utils.events import EventLog
+from utils.logger import Logger
+from utils.manifest import Manifest
+from utils.results import class_iou_figure, load_results, write_results
+
+from . import build
+from .evaluate import test_phase
+from .loop import eval_figures, train_epochs
+from .plan import preflight, run_fingerprint, step_paths
+
+
+def run_step(opts, ctx):
+    """Train and test one step. Returns the test figures (valid on rank 0), or None when
+    the step was finished already."""
+    paths = step_paths(opts)
+    manifest = Manifest(paths.logdir)
+    plan = preflight(opts, paths, manifest, ctx.world_size)
+    if plan == "done":
+        if ctx.is_main:
+            sys.stderr.write(f"INFO:rank0: step {opts.step} of {opts.task_name}/{opts.name} is "
+                             f"already finished ({paths.ckpt}); skipping it "
+                             "(--resume never trains it again)\n")
+        return None
+    classes = tasks.get_per_task_classes(opts.dataset, opts.task, opts.step)
+    fingerprint_now = run_fingerprint(opts, ctx.world_size)
+
+    # the checkpoints this run starts from: clear errors before anything is built
+    prev_ckpt = None
+    if plan != "test" and paths.prev is not None and os.path.isfile(paths.prev):
+        prev_ckpt = load_trusted(paths.prev, "previous-step checkpoint")
+    resume_ckpt, resume_path = None, None
+    if plan in ("ckpt", "auto"):
+        resume_path = opts.ckpt if plan == "ckpt" else paths.ckpt
+        resume_ckpt = load_trusted(resume_path, "checkpoint")
+        if plan == "auto":
+            check_resumable(resume_ckpt, resume_path, fingerprint_now)
+
+    logger = Logger(paths.logdir, rank=ctx.rank, debug=opts.debug, summary=opts.visualize,
+                    step=opts.step)
+    events = EventLog(paths.logdir, enabled=ctx.is_main)
+    try:
+        logger.info(f"Device: {ctx.device}, processes: {ctx.world_size}, "
+                    f"precision: {opts.amp}, norm: {opts.norm_act} ({opts.norm_impl})")
+        for w in opts.warnings:
+            logger.warning(w)
+        data = build.build_data(opts, ctx, logger, training=plan != "test")
+        val_results = None
+        if plan == "test":
+            test_path = opts.ckpt or paths.ckpt
+        else:
+            method = methods.assemble(build.step_info(opts, ctx, classes, logger))
+            models = build.build_models(opts, ctx, classes, data, method, logger,
+                                        prev_ckpt=prev_ckpt, prev_path=paths.prev)
+            del prev_ckpt
+            trainer = build.build_trainer(opts, ctx, classes, models, method, logger)
+            start_epoch, best_score = 0, 0.0
+            if resume_ckpt is not None:
+                start_epoch, best_score, val_results = restore_checkpoint(
+                    resume_ckpt, resume_path, model=models.model, optimizer=models.optimizer,
+                    scheduler=models.scheduler, trainer=trainer)
+                logger.info(f"[!] Model restored from {resume_path}; continuing at epoch "
+                            f"{start_epoch} of {opts.epochs}")
+                resume_ckpt = None
+            if ctx.is_main:
+                logger.add_table("Opts", {k: v for k, v in vars(opts).items()
+                                          if not k.startswith("_")})
+            sample_ids = pick_sample_ids(opts, ctx, len(data.val_loader), logger)
+            # the original prints a random tensor here; drawing it keeps the RNG stream
+            logger.debug(f"Random tensor: {torch.randint(0, 100, (1, 1))}")
+            events.write("start", step=opts.step, method=opts.method, epochs=opts.epochs,
+                         start_epoch=start_epoch, iterations=len(data.train_loader),
+                         train_images=len(data.train), world_size=ctx.world_size,
+                         parts=method.names())
+            val_results = train_epochs(
+                opts, ctx, logger, events, trainer, models, data, paths.ckpt,
+                checkpoint_meta(opts, classes, fingerprint_now), start_epoch=start_epoch,
+                best_score=best_score, val_results=val_results, sample_ids=sample_ids,
+                resume_path=resume_path)
+            test_path = paths.ckpt
+            del trainer, models
+        evaluation, val_results = test_phase(opts, ctx, classes, data.test_loader,
+                                             data.n_classes, test_path, logger, val_results)
+        report_test(opts, logger, evaluation.score, val_results)
+        events.write("eval", split="test", step=opts.step, epoch=None,
+                     **eval_figures(evaluation))
+        distributed.on_main(lambda: save_results(opts, paths.logdir, evaluation.score, logger))
+        logger.flush()
+        if plan != "test":
+            summary = {"mean_iou": float(evaluation.score["Mean IoU"]),
+                       "overall_acc": float(evaluation.score["Overall Acc"])}
+            distributed.on_main(lambda: manifest.mark_finished(
+                opts.step, paths.ckpt, summary, fingerprint=fingerprint_now))
+        return evaluation.score
+    finally:
+        logger.close()    # also when a step fails half-way: detach its handlers
+
+
+def pick_sample_ids(opts, ctx, n_batches, logger):
+    """The validation batches whose first image goes to TensorBoard (rank 0)."""
+    if opts.sample_num <= 0 or not ctx.is_main:
+        return []
+    n = min(opts.sample_num, n_batches)
+    if n < opts.sample_num:
+        logger.warning(f"--sample_num {opts.sample_num} is more than the {n} validation "
+                       f"batches; logging {n}")
+    return np.random.choice(n_batches, n, replace=False)
+
+
+def report_test(opts, logger, results, val_results):
+    """The test figures in the log and TensorBoard, with the original's tags."""
+    from metrics import StreamSegMetrics
+    logger.info(StreamSegMetrics.to_str(results))
+    logger.add_table("Test_Class_IoU", results["Class IoU"])
+    logger.add_table("Test_Class_Acc", results["Class Acc"])
+    if logger.writer is not None and "Confusion Matrix" in results:
+        logger.add_figure("Test_Confusion_Matrix", results["Confusion Matrix"])
+    table = {}
+    if val_results:
+        table["V-IoU"] = val_results["Class IoU"]
+        table["V-Acc"] = val_results["Class Acc"]
+    table["T-IoU"] = results["Class IoU"]
+    table["T-Acc"] = results["Class Acc"]
+    logger.add_results(table)
+    logger.add_scalar("T_Overall_Acc", results["Overall Acc"], opts.step)
+    logger.add_scalar("T_MeanIoU", results["Mean IoU"], opts.step)
+    logger.add_scalar("T_MeanAcc", results["Mean Acc"], opts.step)
+
+
+def save_results(opts, logdir, results, logger):
+    json_path, csv_path = write_results(logdir, opts, results)
+    logger.info(f"Results written to {json_path} and {csv_path}")
+    if logger.writer is not None:
+        logger.add_figure("Test_Class_IoU_Bars", class_iou_figure(load_results(json_path)))

@@ -1,0 +1,30 @@
+"""The incremental methods: one module per family, each declaring its ``--method`` names,
+preset, loss parts and hooks (see ``methods/base.py``); ``docs/adding_a_method.md`` shows how
+to add one.
+
+The order of registration is the order in which the terms of a step add up (the original's:
+output distillation, feature distillation, iCaRL), so it is part of the numbers."""
+from . import ft, ilt, lwf, lwf_mc, mib, regularizers
+from .base import Batch, MainLoss, Method, Part, Penalty, StepInfo, StepState, Term
+from .registry import (
+    StepMethod,
+    add_arguments,
+    all_methods,
+    assemble,
+    check_options,
+    families,
+    find_method,
+    fingerprint_keys,
+    method_names,
+    presets,
+    register,
+    state_keys,
+)
+
+for _family in (ft, lwf, mib, ilt, lwf_mc, regularizers):
+    register(_family)
+
+__all__ = ["Batch", "MainLoss", "Method", "Part", "Penalty", "StepInfo", "StepState", "Term",
+           "StepMethod", "add_arguments", "all_methods", "assemble", "check_options",
+           "families", "find_method", "fingerprint_keys", "method_names", "presets",
+           "register", "state_keys"]

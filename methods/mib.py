@@ -1,0 +1,64 @@
+"""MiB: unbiased cross-entropy, unbiased distillation and the background-based
+initialisation of the new classifier (docs/behaviour.md §8.3, §8.6, §6.10)."""
+from utils.loss import UnbiasedCrossEntropy, UnbiasedKnowledgeDistillationLoss
+
+from .base import MainLoss, Method, Part, Term
+
+METHODS = (Method("MiB", {"loss_kd": 10, "unce": True, "unkd": True, "init_balanced": True},
+                  "unbiased cross-entropy + 10 x unbiased KD + background-based init"),)
+
+
+class UnbiasedCE(MainLoss):
+    """``--unce`` at step > 0: the background absorbs the old classes."""
+    name = "unce"
+    priority = 10
+
+    def __init__(self, info):
+        super().__init__(info)
+        self.criterion = UnbiasedCrossEntropy(old_cl=info.n_old, reduction="none")
+
+    def per_pixel(self, batch):
+        return self.criterion(batch.outputs, batch.labels)
+
+
+class UnbiasedDistillation(Term):
+    """``--loss_kd`` x unbiased KD (``--unkd``): the old background is distilled into the
+    new background plus the new classes."""
+    name = "kd"
+    needs_old = True
+
+    def __init__(self, info):
+        super().__init__(info)
+        self.weight = info.opts.loss_kd
+        self.loss = UnbiasedKnowledgeDistillationLoss(alpha=info.opts.alpha)
+
+    def __call__(self, batch):
+        return self.loss(batch.outputs, batch.outputs_old)
+
+
+class BackgroundInit(Part):
+    """``--init_balanced``: the new classifier starts from the background one, whose bias
+    is lowered by ln(N + 1) too (Q6). Done once the previous step's weights are in; a
+    resumed step overwrites it with its checkpoint."""
+    name = "init_balanced"
+
+    def before_step(self, step):
+        step.model.init_new_classifier(step.device)
+
+
+def parts(info):
+    opts, later = info.opts, info.step > 0
+    found = []
+    if later and opts.unce:
+        found.append(UnbiasedCE(info))
+    if later and opts.loss_kd > 0 and opts.unkd:
+        found.append(UnbiasedDistillation(info))
+    if later and opts.init_balanced:
+        found.append(BackgroundInit(info))
+    return found
+
+
+def check_options(opts, explicit):
+    if opts.unkd and opts.loss_kd <= 0:
+        return ["--unkd has no effect without --loss_kd > 0"]
+    return []

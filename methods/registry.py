@@ -1,0 +1,159 @@
+"""The registry of method families, and the method of one step assembled from its parts.
+
+A family module (``methods/lwf.py``, ...) declares:
+
+* ``METHODS``: its ``--method`` entries (``Method(name, preset)``);
+* ``parts(info)``: the parts active for the options ``info.opts`` of a step;
+* optionally ``add_arguments(parser)`` (its own command-line options),
+  ``check_options(opts, explicit)`` (validation; returns warnings, raises ``OptionError``),
+  ``FINGERPRINT_KEYS`` (its options that change what a step trains) and ``STATE_KEYS``
+  (its entries of the checkpoint's ``trainer_state``, present as ``None`` when inactive, as
+  the original always writes ``{"regularizer": ...}``).
+
+Families are registered in ``methods/__init__.py``; their order is the order in which the
+terms of a step add up (the original's: distillation, feature distillation, iCaRL)."""
+from .base import ATTENTIONS, INTERMEDIATE, MainLoss, Penalty, Term
+
+_FAMILIES = []
+
+
+def register(module):
+    """Add a family module (once)."""
+    if module not in _FAMILIES:
+        _FAMILIES.append(module)
+    return module
+
+
+def families():
+    return list(_FAMILIES)
+
+
+def all_methods():
+    return [m for family in _FAMILIES for m in family.METHODS]
+
+
+def method_names():
+    return [m.name for m in all_methods()]
+
+
+def find_method(name):
+    """The ``Method`` whose name matches ``name`` in any letter case, or None."""
+    for m in all_methods():
+        if m.name.lower() == str(name).lower():
+            return m
+    return None
+
+
+def presets():
+    return {m.name: dict(m.preset) for m in all_methods()}
+
+
+def add_arguments(parser):
+    for family in _FAMILIES:
+        if hasattr(family, "add_arguments"):
+            family.add_arguments(parser)
+
+
+def check_options(opts, explicit):
+    warnings = []
+    for family in _FAMILIES:
+        if hasattr(family, "check_options"):
+            warnings += family.check_options(opts, explicit) or []
+    return warnings
+
+
+def fingerprint_keys():
+    return tuple(k for family in _FAMILIES for k in getattr(family, "FINGERPRINT_KEYS", ()))
+
+
+def state_keys():
+    return tuple(k for family in _FAMILIES for k in getattr(family, "STATE_KEYS", ()))
+
+
+def assemble(info):
+    """The method of one step: every family's active parts for ``info.opts``."""
+    parts = [part for family in _FAMILIES for part in family.parts(info)]
+    return StepMethod(parts)
+
+
+class StepMethod:
+    """The parts of one step, as the trainer runs them: the main loss (the active one with
+    the highest priority), the weighted terms, the penalties and the hooks."""
+
+    def __init__(self, parts):
+        mains = [p for p in parts if isinstance(p, MainLoss)]
+        if not mains:
+            raise ValueError("no main loss among the parts of this step")
+        top = max(p.priority for p in mains)
+        chosen = [p for p in mains if p.priority == top]
+        if len(chosen) > 1:
+            raise ValueError(f"two main losses of the same priority: "
+                             f"{', '.join(type(p).__name__ for p in chosen)}")
+        self.main = chosen[0]
+        # main losses that lost to a higher priority take no part in the step
+        self.parts = [p for p in parts if not isinstance(p, MainLoss) or p is self.main]
+        self.terms = [p for p in self.parts if isinstance(p, Term)]
+        self.penalties = [p for p in self.parts if isinstance(p, Penalty)]
+
+    def active(self, validation=False):
+        return [p for p in self.parts if p.in_validation or not validation]
+
+    def needs_old(self, validation=False):
+        return any(p.needs_old for p in self.active(validation))
+
+    def model_kwargs(self, validation=False):
+        """Keyword arguments of the networks' forward: only the outputs that are read."""
+        wanted = set().union(*(p.features for p in self.active(validation)))
+        kwargs = {}
+        if wanted & INTERMEDIATE:
+            kwargs["ret_intermediate"] = True
+        if wanted & ATTENTIONS:
+            kwargs["ret_attentions"] = True
+        return kwargs
+
+    def names(self):
+        return [type(p).__name__ for p in self.parts]
+
+    # --- hooks ----------------------------------------------------------------------------
+    def before_step(self, step):
+        for p in self.parts:
+            p.before_step(step)
+
+    def setup(self, model, model_old, trainer_state):
+        for p in self.parts:
+            p.setup(model, model_old, trainer_state)
+
+    def rewrite_targets(self, batch):
+        for p in self.parts:
+            p.rewrite_targets(batch)
+
+    def term_values(self, batch, validation=False):
+        """(term, unweighted value) of every term active in this pass, in order."""
+        return [(t, t(batch)) for t in self.terms if t.in_validation or not validation]
+
+    # --- state ----------------------------------------------------------------------------
+    def _keyed(self):
+        return [p for p in self.parts if p.state_key is not None]
+
+    def state_dict(self):
+        """``trainer_state`` of the checkpoint: every registered key, None when inactive."""
+        state = {key: None for key in state_keys()}
+        for p in self._keyed():
+            state[p.state_key] = p.state_dict()
+        return state
+
+    def load_state_dict(self, state):
+        for p in self._keyed():
+            if state.get(p.state_key) is not None:
+                p.load_state_dict(state[p.state_key])
+
+    def full_state(self):
+        state = {key: None for key in state_keys()}
+        for p in self._keyed():
+            state[p.state_key] = p.full_state()
+        return state
+
+    def load_full_state(self, state):
+        for p in self._keyed():
+            if state.get(p.state_key) is not None:
+                p.load_full_state(state[p.state_key])
