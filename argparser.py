@@ -149,6 +149,10 @@ def get_argparser():
                    help="run the final test on the training split instead of val")
     g.add_argument("--cross_val", action="store_true", default=False,
                    help="validate on a random 20%% of the step's training subset")
+    g.add_argument("--protocol", type=str, default="mib", choices=["mib", "plop"],
+                   help="[new] rules shared by every method: mib (the original's) or plop "
+                        "(PLOP's label remapping, test reloading and ImageNet key cut, which "
+                        "shape its published numbers; docs/behaviour.md §15.7)")
     g.add_argument("--train_void_as_ignore", action="store_true", default=False,
                    help="[fix] keep void pixels (VOC 255 borders, ADE 0) ignored in training "
                         "instead of training them as background")
@@ -378,6 +382,9 @@ def _validate(opts, explicit):
                           "(interrupted steps resume by themselves with --resume auto)")
     if opts.step_ckpt is not None and len(opts.steps) > 1:
         raise OptionError("--step_ckpt belongs to one step; give --step N")
+    if opts.protocol == "plop" and opts.no_mask and opts.dataset == "voc":
+        raise OptionError("--no_mask does not exist under --protocol plop for VOC (PLOP's code "
+                          "stops there); drop one of them")
     if opts.step_ckpt is not None and opts.step == 0:
         warnings.append("--step_ckpt is ignored at step 0 (there is no previous step)")
     if opts.device == "cuda":

@@ -52,21 +52,31 @@ class IncrementalSegmentationModule(nn.Module):
         self.ncm = ncm
         self.fusion_mode = fusion_mode
 
-    def _network(self, x):
-        features = self.body(x)
+    def _network(self, x, ret_attentions=False):
+        attentions = None
+        if ret_attentions:
+            features, attentions = self.body(x, ret_attentions=True)
+        else:
+            features = self.body(x)
         pre_logits = self.head(features)
         logits = torch.cat([c(pre_logits) for c in self.cls], dim=1)
-        return logits, features, pre_logits
+        return logits, features, pre_logits, attentions
 
-    def forward(self, x, ret_intermediate=False):
-        """Returns ``(logits at the input's size, extras)``; ``extras`` is ``{}``, or with
-        ``ret_intermediate`` truthy (the trainer passes the float ``loss_de``)
-        ``{"body": body output, "pre_logits": head output}``."""
-        logits, features, pre_logits = self._network(x)
-        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        if ret_intermediate:
-            return logits, {"body": features, "pre_logits": pre_logits}
-        return logits, {}
+    def forward(self, x, ret_intermediate=False, ret_attentions=False):
+        """Returns ``(logits at the input's size, extras)``. ``extras`` is ``{}``; with
+        ``ret_intermediate`` truthy ``{"body": body output, "pre_logits": head output}``;
+        with ``ret_attentions`` also PLOP's maps: ``"attentions"`` = the pre-activation
+        outputs of the last block of each ResNet stage and the head output, and
+        ``"sem_logits_small"`` = the logits before upsampling."""
+        small, features, pre_logits, attentions = self._network(x, ret_attentions)
+        logits = F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        extras = {}
+        if ret_intermediate or ret_attentions:
+            extras = {"body": features, "pre_logits": pre_logits}
+        if ret_attentions:
+            extras["attentions"] = attentions + [pre_logits]
+            extras["sem_logits_small"] = small
+        return logits, extras
 
     def init_new_classifier(self, device=None):
         """MiB's background-based initialisation of the newest classifier: every new class
@@ -116,17 +126,20 @@ def require_pretrained(path):
             "weights")
 
 
-def load_imagenet_weights(body, path):
+def load_imagenet_weights(body, path, cut_seven=False):
     """Load an In-Place ABN ImageNet checkpoint (entry ``state_dict``, keys with or without
-    ``module.``) into ``body``, strictly, without the ImageNet classifier."""
+    ``module.``) into ``body``, strictly, without the ImageNet classifier. ``cut_seven``:
+    PLOP's rule (P20, ``--protocol plop``): every key loses its first 7 characters, so the
+    file must carry ``module.``."""
     require_pretrained(path)
     checkpoint = load_trusted(path, what="ImageNet weights")
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f"ImageNet weights {path} hold no state dict (expected a dict "
                               "with the entry 'state_dict', as the In-Place ABN releases)")
-    state = OrderedDict((k, v) for k, v in strip_module_prefix(state).items()
-                        if k not in IMAGENET_CLASSIFIER_KEYS)
+    keys = (OrderedDict((k[7:], v) for k, v in state.items()) if cut_seven
+            else strip_module_prefix(state))
+    state = OrderedDict((k, v) for k, v in keys.items() if k not in IMAGENET_CLASSIFIER_KEYS)
     return load_model_state(body, state, strict=True, source=f"ImageNet weights {path}")
 
 
@@ -142,7 +155,8 @@ def make_model(opts, classes=None):
     body = make_resnet(opts.backbone, norm, output_stride=opts.output_stride)
     if not opts.no_pretrained:
         load_imagenet_weights(body, pretrained_path(opts.backbone, opts.norm_act,
-                                                    opts.pretrained_dir))
+                                                    opts.pretrained_dir),
+                              cut_seven=opts.protocol == "plop")
     head = DeeplabV3(body.out_channels, HEAD_CHANNELS, HEAD_CHANNELS,
                      out_stride=opts.output_stride, norm_act=norm, pooling_size=opts.pooling)
     return IncrementalSegmentationModule(body, head, HEAD_CHANNELS, classes=list(classes),

@@ -69,9 +69,10 @@ class AdeSegmentationIncremental(IncrementalSegmentation):
 
     def __init__(self, root, train=True, transform=None, labels=None, labels_old=None,
                  idxs_path=None, masking=True, overlap=True, void_as_ignore=False,
-                 num_workers=0, progress=True, save_index=True):
+                 num_workers=0, progress=True, save_index=True, protocol="mib"):
         base = AdeSegmentation(root, train=train)
         super().__init__(base, train=train, transform=transform, labels=labels,
                          labels_old=labels_old, idxs_path=idxs_path, masking=masking,
                          overlap=overlap, void_as_ignore=void_as_ignore,
-                         num_workers=num_workers, progress=progress, save_index=save_index)
+                         num_workers=num_workers, progress=progress, save_index=save_index,
+                         protocol=protocol)

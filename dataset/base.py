@@ -65,7 +65,7 @@ class IncrementalSegmentation(data.Dataset):
 
     def __init__(self, base, train=True, transform=None, labels=None, labels_old=None,
                  idxs_path=None, masking=True, overlap=True, void_as_ignore=False,
-                 num_workers=0, progress=True, save_index=True):
+                 num_workers=0, progress=True, save_index=True, protocol="mib"):
         if labels is None:
             raise ValueError("labels (the current step's label ids) must be given")
         labels = [lab for lab in labels if lab != 0]
@@ -81,11 +81,18 @@ class IncrementalSegmentation(data.Dataset):
         self.labels_old = [0] + labels_old
         self.order = [0] + labels_old + labels
         self.inverted_order = {lab: i for i, lab in enumerate(self.order)}
-        # the masking value follows the split: 0 for training, 255 for validation
-        self.masking_value = 0 if train else 255
-        self.lut = build_lut(labels, labels_old, masking, self.masking_value,
-                             self.zero_is_background,
-                             self.void_value if void_as_ignore else None)
+        if protocol == "plop":
+            # PLOP's remapping (P18): masked and future classes -> 0 in every split, label 0
+            # stays 0 (ADE void is a scored class), VOC's void 255 stays ignored
+            self.masking_value = 0
+            void = self.void_value if self.void_value == 255 or void_as_ignore else None
+            self.lut = build_lut(labels, labels_old, masking, 0, True, void)
+        else:
+            # the masking value follows the split: 0 for training, 255 for validation
+            self.masking_value = 0 if train else 255
+            self.lut = build_lut(labels, labels_old, masking, self.masking_value,
+                                 self.zero_is_background,
+                                 self.void_value if void_as_ignore else None)
 
         source = dict(base.source, labels=labels, labels_old=labels_old, overlap=overlap)
 

@@ -37,7 +37,7 @@ def get_dataset(opts, step=None, rank=0):
     dataset = DATASETS[opts.dataset]
     common = dict(root=opts.data_root, num_workers=opts.num_workers,
                   progress=rank == 0 and not opts.no_progress,
-                  save_index=rank == 0)
+                  save_index=rank == 0, protocol=opts.protocol)
     eval_transform = val_transform(opts.crop_size, opts.crop_val)
 
     train_dst = dataset(train=True, transform=train_transform(opts.crop_size),

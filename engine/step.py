@@ -58,7 +58,8 @@ def run_step(opts, ctx):
         data = build.build_data(opts, ctx, logger, training=plan != "test")
         val_results = None
         if plan == "test":
-            test_path = opts.ckpt or paths.ckpt
+            # PLOP's protocol tests the step's own checkpoint, also when --ckpt names one (P19)
+            test_path = paths.ckpt if opts.protocol == "plop" else (opts.ckpt or paths.ckpt)
         else:
             method = methods.assemble(build.step_info(opts, ctx, classes, logger))
             models = build.build_models(opts, ctx, classes, data, method, logger,
@@ -70,6 +71,8 @@ def run_step(opts, ctx):
                 start_epoch, best_score, val_results = restore_checkpoint(
                     resume_ckpt, resume_path, model=models.model, optimizer=models.optimizer,
                     scheduler=models.scheduler, trainer=trainer)
+                if plan == "ckpt" and opts.protocol == "plop":
+                    start_epoch = 0   # PLOP's --ckpt restores the states, then trains anew (P19)
                 logger.info(f"[!] Model restored from {resume_path}; continuing at epoch "
                             f"{start_epoch} of {opts.epochs}")
                 resume_ckpt = None

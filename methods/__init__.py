@@ -4,7 +4,7 @@ to add one.
 
 The order of registration is the order in which the terms of a step add up (the original's:
 output distillation, feature distillation, iCaRL), so it is part of the numbers."""
-from . import ft, ilt, lwf, lwf_mc, mib, regularizers
+from . import ft, ilt, lwf, lwf_mc, mib, plop, regularizers
 from .base import Batch, MainLoss, Method, Part, Penalty, StepInfo, StepState, Term
 from .registry import (
     StepMethod,
@@ -21,7 +21,7 @@ from .registry import (
     state_keys,
 )
 
-for _family in (ft, lwf, mib, ilt, lwf_mc, regularizers):
+for _family in (ft, lwf, mib, ilt, lwf_mc, regularizers, plop):
     register(_family)
 
 __all__ = ["Batch", "MainLoss", "Method", "Part", "Penalty", "StepInfo", "StepState", "Term",

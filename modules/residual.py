@@ -51,10 +51,14 @@ class ResidualBlock(nn.Module):
             self.proj_bn = None
         self.out_channels = out_channels
 
-    def forward(self, x):
+    def forward(self, x, return_preact=False):
+        """The block's output; with ``return_preact`` also the sum before the activation
+        (PLOP distils it), the activation then applied out of place to keep it."""
         shortcut = x if self.proj_conv is None else self.proj_bn(self.proj_conv(x))
         out = self.convs(x) + shortcut
         bn1 = self.convs.bn1
+        preact = out
         if bn1.activation == "leaky_relu":
-            out = F.leaky_relu(out, negative_slope=bn1.activation_param, inplace=True)
-        return out
+            out = F.leaky_relu(out, negative_slope=bn1.activation_param,
+                               inplace=not return_preact)
+        return (out, preact) if return_preact else out

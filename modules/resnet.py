@@ -61,12 +61,23 @@ class ResNet(nn.Module):
             self.add_module(f"mod{index + 2}", nn.Sequential(OrderedDict(blocks)))
         self.out_channels = in_channels
 
-    def forward(self, x):
+    def forward(self, x, ret_attentions=False):
+        """The last stage's feature map; with ``ret_attentions`` also the pre-activation sums
+        of the last block of mod2..mod5 (the maps PLOP distils): ``(out, [a2, a3, a4, a5])``."""
         x = self.mod1(x)
-        x = self.mod2(x)
-        x = self.mod3(x)
-        x = self.mod4(x)
-        return self.mod5(x)
+        if not ret_attentions:
+            x = self.mod2(x)
+            x = self.mod3(x)
+            x = self.mod4(x)
+            return self.mod5(x)
+        attentions = []
+        for stage in (self.mod2, self.mod3, self.mod4, self.mod5):
+            *blocks, last = stage
+            for block in blocks:
+                x = block(x)
+            x, preact = last(x, return_preact=True)
+            attentions.append(preact)
+        return x, attentions
 
 
 def make_resnet(backbone, norm_act, output_stride=16):

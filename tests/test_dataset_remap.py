@@ -112,3 +112,33 @@ def test_remap_happens_after_the_random_transform(synthetic_voc):
         assert torch.equal(img, raw_img)
         assert torch.equal(target, torch.from_numpy(d.lut[raw_target.numpy()]))
         assert set(target.unique().tolist()) <= {0, 16, 17, 18, 19, 20}
+
+
+# PLOP's protocol (--protocol plop, P18): masked and future classes take 0 in every split,
+# label 0 stays 0 (ADE void is scored), VOC void 255 stays ignored (docs/behaviour.md §15.7)
+PLOP_EXPECTED = {
+    # (dataset, split): remapped VALUES
+    ("voc", "train"): [0, 4, 0, 3, 0, 0, 255, 0],
+    ("voc", "val"): [0, 4, 0, 3, 0, 0, 255, 0],
+    ("voc", "test"): [0, 4, 2, 3, 1, 0, 255, 0],
+    ("ade", "train"): [0, 4, 0, 3, 0, 0, 0, 0],
+    ("ade", "val"): [0, 4, 0, 3, 0, 0, 0, 0],
+    ("ade", "test"): [0, 4, 2, 3, 1, 0, 0, 0],
+}
+
+
+@pytest.mark.parametrize("key", sorted(PLOP_EXPECTED))
+def test_plop_protocol_remap_table(roots, key):
+    name, split = key
+    # the test set takes every seen label as current (dataset.factory.get_dataset)
+    labels, old = (OLD + CUR, []) if split == "test" else (CUR, OLD)
+    d = CLASSES[name](roots[name], train=split == "train", transform=Compose([ToTensor()]),
+                      labels=labels, labels_old=old, progress=False, protocol="plop")
+    assert d.masking_value == 0
+    assert d[0][1][0].tolist() == PLOP_EXPECTED[key]
+
+
+def test_plop_protocol_without_masking_keeps_ade_old_classes(roots):
+    d = CLASSES["ade"](roots["ade"], train=True, transform=Compose([ToTensor()]), labels=CUR,
+                       labels_old=OLD, masking=False, progress=False, protocol="plop")
+    assert d[0][1][0].tolist() == [0, 4, 2, 3, 1, 0, 0, 0]

@@ -186,6 +186,17 @@ def test_imagenet_weights_load_strictly_from_the_original_file_name(workdir, pre
         assert torch.equal(v, saved[k]), k
 
 
+def test_plop_protocol_cuts_seven_characters_off_every_imagenet_key(workdir):
+    """--protocol plop (P20): the keys lose 7 characters whether or not they carry
+    'module.', so only a prefixed file loads."""
+    saved = _write_imagenet_file(workdir / "pretrained" / "resnet18_iabn_sync.pth.tar")
+    net = make_model(_opts(no_pretrained=False, protocol="plop"), [3])
+    assert torch.equal(net.body.mod1.conv1.weight, saved["module.mod1.conv1.weight"])
+    _write_imagenet_file(workdir / "pretrained" / "resnet18_iabn_sync.pth.tar", prefix=False)
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        make_model(_opts(no_pretrained=False, protocol="plop"), [3])
+
+
 def test_imagenet_weights_from_another_folder_and_norm_name(tmp_path):
     _write_imagenet_file(tmp_path / "w" / "resnet18_abn.pth.tar")
     net = make_model(_opts(no_pretrained=False, norm_act="abn", pretrained_dir=str(tmp_path / "w")),

@@ -95,6 +95,13 @@ def reduce_sum_to_main(tensor):
     return tensor
 
 
+def all_reduce_sum(tensor):
+    """Sum ``tensor`` over processes, in place, on every process."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
 def broadcast_object(obj, src=0):
     """Send a picklable object from ``src`` to every process."""
     if not dist.is_initialized():
