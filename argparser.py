@@ -160,6 +160,10 @@ def get_argparser():
     g = p.add_argument_group("task")
     g.add_argument("--task", type=str, default="19-1", choices=tasks.get_task_list(),
                    metavar="TASK", help=f"task split: {', '.join(tasks.get_task_list())}")
+    g.add_argument("--class_order", type=int, default=0,
+                   help="[new] 0: the task's order of classes; k > 0 (VOC): the classes 1-20 "
+                        "in the random order drawn with seed k, background first (index lists "
+                        "go to <task>-o<k>); the result files record it")
     g.add_argument("--step", type=_steps, default="0",
                    help="step to run; [new] also a list (0,1,2) or all, run one after the other")
     g.add_argument("--step_ckpt", type=str, default=None,
@@ -347,6 +351,10 @@ def _validate(opts, explicit):
         warnings.append(f"task '{opts.task}' is the paper's name of '{canonical}'; "
                         f"files use '{canonical}'")
         opts.task = canonical
+    try:
+        tasks.class_permutation(opts.dataset, opts.class_order)
+    except tasks.TaskError as e:
+        raise OptionError(str(e))
     n = tasks.num_steps(opts.dataset, opts.task)
     steps = list(range(n)) if opts.step == "all" else opts.step
     bad = [s for s in steps if s >= n]

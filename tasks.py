@@ -240,10 +240,31 @@ def canonical_task(dataset, name):
     return name
 
 
-def get_task_dict(dataset, name, step=None):
-    """Steps -> labels of a task; with ``step`` only the steps 0..step (checked)."""
+def class_permutation(dataset, order):
+    """Label ``l`` -> the label it stands for under class order ``order``: 0 is the task's
+    own order; k > 0 a permutation of the VOC classes 1..20 drawn with
+    ``numpy.random.RandomState(k)`` (background stays 0). ADE has its ``b``/``c`` tasks."""
+    if order == 0:
+        return None
+    if dataset != "voc":
+        raise TaskError(f"--class_order {order}: class orders are for VOC; ADE has its own "
+                        "orders as tasks (e.g. 100-50b, 100-50c)")
+    if not isinstance(order, int) or order < 0:
+        raise TaskError(f"--class_order must be 0 (the task's order) or a positive seed, "
+                        f"got {order!r}")
+    import numpy as np
+    drawn = np.random.RandomState(order).permutation(np.arange(1, 21))
+    return {0: 0, **{label: int(drawn[label - 1]) for label in range(1, 21)}}
+
+
+def get_task_dict(dataset, name, step=None, order=0):
+    """Steps -> labels of a task; with ``step`` only the steps 0..step (checked); under
+    class order ``order`` (``class_permutation``) the labels of every step are permuted."""
     name = canonical_task(dataset, name)
     task = TASKS[dataset][name]
+    permutation = class_permutation(dataset, order)
+    if permutation is not None:
+        task = {s: [permutation[label] for label in labels] for s, labels in task.items()}
     if step is None:
         return dict(task)
     if not isinstance(step, int) or step not in task:
@@ -256,27 +277,35 @@ def num_steps(dataset, name):
     return len(TASKS[dataset][canonical_task(dataset, name)])
 
 
-def get_task_labels(dataset, name, step):
+def task_folder_name(dataset, name, order=0):
+    """The task's name in index-list folders: ``<task>``, ``<task>-o<order>`` for a class
+    order."""
+    name = canonical_task(dataset, name)
+    return name if order == 0 else f"{name}-o{order}"
+
+
+def get_task_labels(dataset, name, step, order=0):
     """Labels introduced at ``step``, labels of all earlier steps, and the index folder.
 
     The folder is ``data/<dataset>/<task>`` relative to the working directory, as in the
     original (callers append ``-ov`` for the overlapped setting).
     """
-    task = get_task_dict(dataset, name, step)
+    task = get_task_dict(dataset, name, step, order)
     labels = list(task[step])
     labels_old = [label for s in range(step) for label in task[s]]
-    return labels, labels_old, f"data/{dataset}/{canonical_task(dataset, name)}"
+    return labels, labels_old, f"data/{dataset}/{task_folder_name(dataset, name, order)}"
 
 
 def get_per_task_classes(dataset, name, step):
-    """Size of each per-step classifier up to ``step`` (label 0 counted in step 0)."""
+    """Size of each per-step classifier up to ``step`` (label 0 counted in step 0; the same
+    under every class order)."""
     task = get_task_dict(dataset, name, step)
     return [len(task[s]) for s in range(step + 1)]
 
 
-def get_order(dataset, name, step):
+def get_order(dataset, name, step, order=0):
     """Original label of every model channel at ``step``: ``[0] + seen labels without 0``."""
-    task = get_task_dict(dataset, name, step)
+    task = get_task_dict(dataset, name, step, order)
     return [0] + [label for s in range(step + 1) for label in task[s] if label != 0]
 
 

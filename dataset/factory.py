@@ -20,7 +20,7 @@ from .transform import train_transform, val_transform
 def index_folder(opts):
     """``<index_dir>/<dataset>/<task>`` with ``-ov`` for overlapped runs (original names)."""
     folder = os.path.join(opts.index_dir, opts.dataset,
-                          tasks.canonical_task(opts.dataset, opts.task))
+                          tasks.task_folder_name(opts.dataset, opts.task, opts.class_order))
     return folder + "-ov" if opts.overlap else folder
 
 
@@ -31,7 +31,8 @@ def get_dataset(opts, step=None, rank=0):
     from the global torch RNG, as the original.
     """
     step = opts.step if step is None else step
-    labels, labels_old, _ = tasks.get_task_labels(opts.dataset, opts.task, step)
+    labels, labels_old, _ = tasks.get_task_labels(opts.dataset, opts.task, step,
+                                                  opts.class_order)
     labels_cum = labels_old + labels
     folder = index_folder(opts)
     dataset = DATASETS[opts.dataset]

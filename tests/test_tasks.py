@@ -92,3 +92,26 @@ def test_class_names():
 def test_errors_list_valid_choices(call, expected):
     with pytest.raises(tasks.TaskError, match=expected):
         call()
+
+
+def test_class_orders_permute_the_voc_classes_and_keep_background_first():
+    assert tasks.class_permutation("voc", 0) is None
+    perm = tasks.class_permutation("voc", 3)
+    assert perm[0] == 0 and sorted(perm[label] for label in range(1, 21)) == list(range(1, 21))
+    assert perm == tasks.class_permutation("voc", 3)            # seeded: always the same
+    assert perm != tasks.class_permutation("voc", 4)
+    labels, old, folder = tasks.get_task_labels("voc", "15-5", 1, order=3)
+    assert labels == [perm[label] for label in range(16, 21)]
+    assert sorted(old) == sorted(perm[label] for label in range(0, 16))
+    assert folder == "data/voc/15-5-o3"
+    assert tasks.get_per_task_classes("voc", "15-5s", 5) == [16, 1, 1, 1, 1, 1]
+    assert tasks.get_order("voc", "15-5", 1, order=3)[0] == 0
+
+
+def test_class_orders_are_for_voc_only():
+    with pytest.raises(tasks.TaskError, match="ADE has its own orders"):
+        tasks.get_task_dict("ade", "100-50", order=1)
+    from argparser import OptionError, parse_options
+    with pytest.raises(OptionError, match="class orders are for VOC"):
+        parse_options(["--dataset", "ade", "--task", "100-50", "--class_order", "2"])
+    assert parse_options(["--task", "15-5", "--class_order", "2"]).class_order == 2

@@ -193,7 +193,7 @@ FINGERPRINT_KEYS = (
     "alpha", "loss_de", "init_balanced", "icarl", "icarl_importance", "icarl_disjoint",
     "icarl_bkg", "regularizer", "reg_importance", "reg_alpha", "reg_no_normalize",
     "reg_iterations", "fix_bn", "freeze", "random_seed", "cross_val", "train_void_as_ignore",
-    "amp", "no_pretrained", "protocol",
+    "amp", "no_pretrained", "protocol", "class_order",
 )
 
 

@@ -151,6 +151,7 @@ def build_step_results(*, task, dataset, step, name, method, seed, opts, labels_
         "seed": None if seed is None else int(seed),
         "opts": _json_safe(opts_dict),
         "labels_per_step": steps,
+        "class_order": int(opts_dict.get("class_order") or 0),
         "classes_per_step": classes_per_step,
         "class_labels": {str(k): label for k, (label, _) in enumerate(channels)},
         "class_names": {str(k): names[k] for k in range(n_classes)},
@@ -215,7 +216,8 @@ def write_results(logdir, opts, results):
     return write_step_results(
         os.path.join(logdir, "results"), task=opts.task, dataset=opts.dataset, step=opts.step,
         name=opts.name, method=opts.method, seed=opts.random_seed, opts=options,
-        labels_per_step=tasks.get_task_dict(opts.dataset, opts.task, opts.step),
+        labels_per_step=tasks.get_task_dict(opts.dataset, opts.task, opts.step,
+                                            opts.class_order),
         results=results)
 
 
