@@ -19,6 +19,7 @@ from .registry import (
     presets,
     register,
     state_keys,
+    step0_signature,
 )
 
 for _family in (ft, lwf, mib, ilt, lwf_mc, regularizers, plop):
@@ -27,4 +28,4 @@ for _family in (ft, lwf, mib, ilt, lwf_mc, regularizers, plop):
 __all__ = ["Batch", "MainLoss", "Method", "Part", "Penalty", "StepInfo", "StepState", "Term",
            "StepMethod", "add_arguments", "all_methods", "assemble", "check_options",
            "families", "find_method", "fingerprint_keys", "method_names", "presets",
-           "register", "state_keys"]
+           "register", "state_keys", "step0_signature"]

@@ -116,9 +116,17 @@ class Part:
     in_validation = True        # computed in the validation pass too
     in_epoch_loss = True        # counted in the epoch's loss statistics
     state_key = None            # its entry of the checkpoint's trainer_state
+    reads = ()                  # the options it reads beyond its activation (signature)
 
     def __init__(self, info):
         self.info = info
+
+    def signature(self):
+        """What makes this part train differently from another: its kind, its weight and
+        the options it reads (two steps with equal signatures train the same way)."""
+        return (type(self).__module__ + "." + type(self).__qualname__,
+                getattr(self, "weight", None),
+                tuple((name, repr(getattr(self.info.opts, name))) for name in self.reads))
 
     def before_step(self, step):
         pass

@@ -70,6 +70,17 @@ def state_keys():
     return tuple(k for family in _FAMILIES for k in getattr(family, "STATE_KEYS", ()))
 
 
+def step0_signature(opts):
+    """The signature of step 0 of ``opts`` (``StepMethod.signature``): which methods could
+    share one step-0 training (FT, LwF, ILT and MiB: plain cross-entropy; LwF-MC: BCE; EWC,
+    PI, RW: cross-entropy plus their importances, each its own)."""
+    import tasks
+
+    from .base import StepInfo
+    classes = tasks.get_per_task_classes(opts.dataset, opts.task, 0)
+    return assemble(StepInfo(opts, classes, device=None)).signature()
+
+
 def assemble(info):
     """The method of one step: every family's active parts for ``info.opts``."""
     parts = [part for family in _FAMILIES for part in family.parts(info)]
@@ -113,6 +124,12 @@ class StepMethod:
 
     def names(self):
         return [type(p).__name__ for p in self.parts]
+
+    def signature(self):
+        """The parts of the step and what they read, in order: equal signatures (with
+        equal common options) mean the step trains the same way and writes the same
+        trainer state."""
+        return tuple(p.signature() for p in self.parts)
 
     # --- hooks ----------------------------------------------------------------------------
     def before_step(self, step):

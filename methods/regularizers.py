@@ -25,6 +25,7 @@ class WeightRegularizer(Penalty):
     backward, its penalty gradient added to the averaged task gradients."""
     name = "reg"
     state_key = "regularizer"
+    reads = ("regularizer", "reg_alpha", "reg_no_normalize", "reg_iterations")
 
     def __init__(self, info):
         super().__init__(info)
