@@ -6,7 +6,9 @@ Each method trains step 1 of VOC 15-5 (classes 16 + 5) through ``Trainer.train``
 in-memory loader, with the options that ``run.py`` would resolve for it (method preset,
 ``--amp``, channels-last, norm implementation): FT is the baseline; LwF adds the old model's
 forward and KD, ILT also the feature distillation, LwF-MC the BCE + iCaRL terms, MiB the
-unbiased CE and KD, EWC / PI / RW the regulariser update, the penalty and its backward.
+unbiased CE and KD, EWC / PI / RW the regulariser update, the penalty and its backward, PLOP
+the old model's maps, the pseudo-labels and local POD (its thresholds are computed before
+the timed iterations, as run.py does before a step).
 Regularised methods start from the state a step-0 regulariser saves. Evaluation is
 ``engine.evaluate`` without an old model, as the test phase runs it.
 
@@ -28,7 +30,7 @@ import common  # noqa: E402
 
 # display name -> --method spelling; FT first: it is the baseline
 METHODS = {"FT": "FT", "LwF": "LWF", "ILT": "ILT", "LwF-MC": "LWF-MC", "MiB": "MiB",
-           "EWC": "EWC", "PI": "PI", "RW": "RW"}
+           "EWC": "EWC", "PI": "PI", "RW": "RW", "PLOP": "PLOP"}
 AMP = {"fp32": "off", "bf16": "bf16", "fp16": "fp16"}
 DATASET, TASK = "voc", "15-5"
 

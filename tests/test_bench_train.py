@@ -35,7 +35,7 @@ def test_options_are_those_run_py_resolves():
         bench_train.trainer_options("MIBB", **TINY)
 
 
-@pytest.mark.parametrize("method", ["FT", "LwF", "ILT", "LwF-MC", "MiB"])
+@pytest.mark.parametrize("method", ["FT", "LwF", "ILT", "LwF-MC", "MiB", "PLOP"])
 def test_distillation_methods_forward_the_old_model_and_ft_does_not(method):
     state, model, model_old, classes, trainer = trainer_for(method)
     assert classes == [16, 5] and state is None and model_old is not None and not model_old.training
