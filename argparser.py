@@ -16,7 +16,7 @@ import sys
 
 import methods
 import tasks
-from utils.errors import UserError
+from utils.errors import OptionError  # noqa: F401  (argparser.OptionError, as before)
 
 # Method presets, declared by the methods (``methods/``), applied after parsing: they
 # overwrite the options they set, as the original does. (The registry is read again at
@@ -30,10 +30,6 @@ IGNORED_BY_ORIGINAL = {
     "--num_classes": ("num_classes", "it is derived from --dataset (21 for voc, 150 for ade), "
                                      "as in the original"),
 }
-
-
-class OptionError(UserError, ValueError):
-    """An impossible or contradictory command line; the message says what to do."""
 
 
 class _Parser(argparse.ArgumentParser):

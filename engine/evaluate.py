@@ -8,8 +8,11 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from metrics import StreamSegMetrics
 from utils import distributed
 from utils.checkpoint import check_checkpoint_fits, load_model_state, load_trusted
+
+from .build import make_network, memory_format, wrap_ddp
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +93,6 @@ def test_phase(opts, ctx, classes, test_loader, n_classes, ckpt_path, logger,
     ``--ckpt``), evaluated in fp32 as the original tests outside apex AMP, so ``--test``
     reproduces the figures of the training run exactly. Returns (Evaluation, val_results
     recorded in the checkpoint)."""
-    from engine.build import make_network, memory_format, wrap_ddp
-    from metrics import StreamSegMetrics
     ckpt = load_trusted(ckpt_path, "checkpoint")
     check_checkpoint_fits(ckpt, ckpt_path, opts, classes, "checkpoint")
     model = make_network(opts, classes, pretrained=False)

@@ -8,6 +8,7 @@ import torch
 
 import methods
 import tasks
+from metrics import StreamSegMetrics
 from utils import distributed
 from utils.checkpoint import check_resumable, checkpoint_meta, load_trusted, restore_checkpoint
 from utils.events import EventLog
@@ -123,7 +124,6 @@ def pick_sample_ids(opts, ctx, n_batches, logger):
 
 def report_test(opts, logger, results, val_results):
     """The test figures in the log and TensorBoard, with the original's tags."""
-    from metrics import StreamSegMetrics
     logger.info(StreamSegMetrics.to_str(results))
     logger.add_table("Test_Class_IoU", results["Class IoU"])
     logger.add_table("Test_Class_Acc", results["Class Acc"])

@@ -12,7 +12,9 @@ A family module (``methods/lwf.py``, ...) declares:
 
 Families are registered in ``methods/__init__.py``; their order is the order in which the
 terms of a step add up (the original's: distillation, feature distillation, iCaRL)."""
-from .base import ATTENTIONS, INTERMEDIATE, MainLoss, Penalty, Term
+import tasks
+
+from .base import ATTENTIONS, INTERMEDIATE, MainLoss, Penalty, StepInfo, Term
 
 _FAMILIES = []
 
@@ -74,9 +76,6 @@ def step0_signature(opts):
     """The signature of step 0 of ``opts`` (``StepMethod.signature``): which methods could
     share one step-0 training (FT, LwF, ILT and MiB: plain cross-entropy; LwF-MC: BCE; EWC,
     PI, RW: cross-entropy plus their importances, each its own)."""
-    import tasks
-
-    from .base import StepInfo
     classes = tasks.get_per_task_classes(opts.dataset, opts.task, 0)
     return assemble(StepInfo(opts, classes, device=None)).signature()
 

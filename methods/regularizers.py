@@ -3,6 +3,7 @@ collected from step 0 on and carried to the next step in ``trainer_state["regula
 so every step of a sequence must use the same method (Q15)."""
 import logging
 
+from utils.errors import OptionError
 from utils.regularizer import get_regularizer
 
 from .base import Method, Penalty
@@ -66,7 +67,6 @@ def parts(info):
 
 def check_options(opts, explicit):
     if opts.fix_bn and opts.regularizer == "ewc":
-        from argparser import OptionError
         raise OptionError("--fix_bn cannot be combined with EWC (the EWC update needs the "
                           "gradients of the frozen norm layers; the original crashes here)")
     return []

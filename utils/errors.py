@@ -15,3 +15,8 @@ class UserError(Exception):
 
 class RunError(UserError, RuntimeError):
     """A problem with a run's inputs or files (data root, checkpoints, folders)."""
+
+
+class OptionError(UserError, ValueError):
+    """An impossible or contradictory command line; the message says what to do (raised by
+    ``argparser`` and by the methods' option checks)."""

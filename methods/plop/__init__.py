@@ -11,8 +11,12 @@ Quirks P1-P17 are reproduced by default; each fix that changes numbers has an op
 (``FIX_OPTIONS``). PLOP's protocol rules shared by every method of its code (P18-P20: label
 remapping, test reloading, ImageNet key cut) are not part of the method: ``--protocol plop``
 (an option of every method, in ``argparser.py``) selects them."""
+import argparse
 import json
 import logging
+
+from utils import distributed
+from utils.errors import OptionError
 
 from ..base import Method, Part, Term
 from .pod import PODError, _global_pod, _local_pod, _local_pod_masked, features_distillation
@@ -68,7 +72,6 @@ def _json(value):
     try:
         return json.loads(value)
     except ValueError as e:
-        import argparse
         raise argparse.ArgumentTypeError(f"--pod_options is not valid JSON ({e}): {value!r}")
 
 
@@ -125,7 +128,6 @@ def add_arguments(parser):
 
 
 def check_options(opts, explicit):
-    from argparser import OptionError
     warnings = []
     for option, default in NO_EFFECT.items():
         if option in explicit and getattr(opts, option) != default:
@@ -176,7 +178,6 @@ class PseudoLabels(Part):
             return                  # naive pseudo-labels need no thresholds
         sync = None
         if opts.sync_thresholds and info.world_size > 1:
-            from utils import distributed
             sync = distributed.all_reduce_sum
         self.thresholds, self.max_entropy = find_median(
             step.model_old, step.train_loader, step.device, info.n_classes, mode="entropy",
