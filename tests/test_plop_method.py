@@ -204,7 +204,7 @@ def test_one_iteration_equals_plops_functions(networks):
     assert result.main == pytest.approx(float((factor[:, None, None] * ce).mean().detach()),
                                         rel=1e-5)
     assert result.reg == 0.0
-    assert result.terms["pod"] == pytest.approx(float(pod), rel=1e-4)
+    assert result.terms["pod"] == pytest.approx(float(pod.detach()), rel=1e-4)
     # validation: no old model, no pseudo-labels, no POD
     assert not method.needs_old(validation=True) and method.model_kwargs(validation=True) == {}
 
