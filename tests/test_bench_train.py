@@ -18,7 +18,9 @@ TINY = {"backbone": "resnet18", "size": 32, "batch": 2, "device": "cpu"}
 
 def trainer_for(method, precision="fp32"):
     opts = bench_train.trainer_options(method, precision=precision, **TINY)
-    model, model_old, classes, method = bench_train.build_models(opts, CPU)
+    # PLOP computes its thresholds over a training loader before the step
+    loader = bench_train.synthetic_batches(1, 2, 32, 21, CPU)
+    model, model_old, classes, method = bench_train.build_models(opts, CPU, train_loader=loader)
     state = bench_train.previous_trainer_state(opts, model_old, CPU)
     trainer = Trainer(model, model_old, CPU, opts, trainer_state=state, classes=classes,
                       method=method)
