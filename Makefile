@@ -66,3 +66,26 @@ iabn-if-possible: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# What the GPU check (bench/device_check.py) needs that the GPU machine lacks, for its Python
+# 3.12 manylinux x86_64, in device_bundle/ (ignored, at most 20 MiB): the tensorboardX wheel
+# (numpy, packaging and protobuf are there), the inplace-abn source archive and the
+# setuptools_scm wheel its build imports. Needs pip access to PyPI; the check installs them
+# with pip --no-index. The source download runs the archive's setup.py, which imports torch
+# and setuptools_scm: hence this venv, without build isolation.
+DEVICE_BUNDLE ?= device_bundle
+DEVICE_WHEELS := tensorboardX==2.6.5 setuptools_scm==8.3.1
+DEVICE_PLATFORM := --python-version 3.12 --implementation cp \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	--platform manylinux2014_x86_64
+
+.PHONY: device-bundle
+device-bundle: $(VENV)/.installed
+	rm -rf $(DEVICE_BUNDLE).tmp && mkdir -p $(DEVICE_BUNDLE).tmp
+	$(PIP) download -q --no-deps --only-binary=:all: $(DEVICE_PLATFORM) \
+	  -d $(DEVICE_BUNDLE).tmp $(DEVICE_WHEELS)
+	$(PIP) install -q setuptools_scm wheel
+	$(PIP) download -q --no-deps --no-binary=:all: --no-build-isolation \
+	  -d $(DEVICE_BUNDLE).tmp inplace-abn==1.1.0
+	$(PY) bench/device_check.py --check-bundle $(DEVICE_BUNDLE).tmp
+	rm -rf $(DEVICE_BUNDLE) && mv $(DEVICE_BUNDLE).tmp $(DEVICE_BUNDLE)
