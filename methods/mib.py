@@ -2,7 +2,8 @@
 initialisation of the new classifier (docs/behaviour.md §8.3, §8.6, §6.10)."""
 from utils.loss import UnbiasedCrossEntropy, UnbiasedKnowledgeDistillationLoss
 
-from .base import MainLoss, Method, Part, Term
+from .base import MainLoss, Method, Part
+from .lwf import OutputDistillation
 
 METHODS = (Method("MiB", {"loss_kd": 10, "unce": True, "unkd": True, "init_balanced": True},
                   "unbiased cross-entropy + 10 x unbiased KD + background-based init"),)
@@ -21,19 +22,13 @@ class UnbiasedCE(MainLoss):
         return self.criterion(batch.outputs, batch.labels)
 
 
-class UnbiasedDistillation(Term):
-    """``--loss_kd`` x unbiased KD (``--unkd``): the old background is distilled into the
-    new background plus the new classes."""
-    name = "kd"
-    needs_old = True
+class UnbiasedDistillation(OutputDistillation):
+    """LwF's ``--loss_kd`` term with unbiased KD (``--unkd``): the old background is
+    distilled into the new background plus the new classes."""
 
     def __init__(self, info):
         super().__init__(info)
-        self.weight = info.opts.loss_kd
         self.loss = UnbiasedKnowledgeDistillationLoss(alpha=info.opts.alpha)
-
-    def __call__(self, batch):
-        return self.loss(batch.outputs, batch.outputs_old)
 
 
 class BackgroundInit(Part):

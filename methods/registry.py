@@ -151,25 +151,28 @@ class StepMethod:
     def _keyed(self):
         return [p for p in self.parts if p.state_key is not None]
 
-    def state_dict(self):
-        """``trainer_state`` of the checkpoint: every registered key, None when inactive."""
+    def _collect(self, getter):
+        """Every registered key, None for the families that are not active."""
         state = {key: None for key in state_keys()}
         for p in self._keyed():
-            state[p.state_key] = p.state_dict()
+            state[p.state_key] = getter(p)()
         return state
+
+    def _spread(self, state, setter):
+        for p in self._keyed():
+            if state.get(p.state_key) is not None:
+                setter(p)(state[p.state_key])
+
+    def state_dict(self):
+        """``trainer_state`` of the checkpoint (what the next step starts from)."""
+        return self._collect(lambda p: p.state_dict)
 
     def load_state_dict(self, state):
-        for p in self._keyed():
-            if state.get(p.state_key) is not None:
-                p.load_state_dict(state[p.state_key])
+        self._spread(state, lambda p: p.load_state_dict)
 
     def full_state(self):
-        state = {key: None for key in state_keys()}
-        for p in self._keyed():
-            state[p.state_key] = p.full_state()
-        return state
+        """What an exact resume of the step needs, by the same keys."""
+        return self._collect(lambda p: p.full_state)
 
     def load_full_state(self, state):
-        for p in self._keyed():
-            if state.get(p.state_key) is not None:
-                p.load_full_state(state[p.state_key])
+        self._spread(state, lambda p: p.load_full_state)
