@@ -19,10 +19,15 @@ finished.
 Runs use one CPU thread each and independent runs go side by side (``jobs``): on a small
 shared CPU, one process with two threads is many times slower than two one-thread processes
 as soon as anything else runs.
+
+The runner underneath (``run_process``: one ``run.py`` with its console log, stopped cleanly
+on Ctrl-C; ``run_jobs``: jobs side by side with dependencies) is shared with the sweeps of
+``tools/sweep.py``.
 """
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -45,6 +50,7 @@ STEP0_OF = {"FT": "FT", "LWF": "FT", "ILT": "FT", "MiB": "FT",
             "LWF-MC": "LWF-MC", "EWC": "EWC", "PI": "PI", "RW": "RW"}
 
 POLL_SECONDS = 0.5      # how often a running job's records are read
+INTERRUPT_GRACE_SECONDS = 60   # how long a stopped run.py may take to exit before SIGKILL
 
 
 class ExperimentError(UserError, RuntimeError):
@@ -194,36 +200,91 @@ def plan(cfg, methods, seeds):
     return first, second
 
 
-def command_text(args):
-    """The command as a user would type it in the repository root."""
-    return "python run.py " + " ".join(shlex.quote(a) for a in args)
+def command_text(args, launcher=()):
+    """The command as a user would type it in the repository root (``launcher``: the
+    arguments between ``python`` and ``run.py``, e.g. ``-m torch.distributed.run ...``)."""
+    return " ".join(["python", *map(shlex.quote, launcher), "run.py",
+                     *map(shlex.quote, args)])
 
 
-def run_job(job, threads=1, on_progress=None):
+def interrupt(proc):
+    """Stop a ``run.py`` started by ``run_process`` the way Ctrl-C would: SIGINT to its
+    process group (a torchrun launcher passes it to its workers), so it stops after writing
+    nothing half-done and resumes from its last finished epoch; SIGKILL only if it has not
+    exited after ``INTERRUPT_GRACE_SECONDS``."""
+    for sig, grace in ((signal.SIGINT, INTERRUPT_GRACE_SECONDS), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_process(args, console, *, threads=1, env=None, launcher=(), stop=None, on_poll=None,
+                on_start=None, append=False):
+    """Run ``python [launcher] run.py args --no_progress`` from the repository root with its
+    output in ``console`` (appended with ``append``), and return its exit code.
+
+    The child gets its own process group, so a Ctrl-C in the terminal reaches the caller
+    alone, which then stops the child once and cleanly (``interrupt``): when ``stop`` (a
+    ``threading.Event``) is set, or when this call itself is interrupted. ``threads`` sets
+    the child's OpenMP/MKL threads; ``env`` adds variables (e.g. CUDA_VISIBLE_DEVICES);
+    ``on_start(proc)`` hears the process once started, ``on_poll()`` is called every
+    ``POLL_SECONDS`` while it runs."""
+    os.makedirs(os.path.dirname(console) or ".", exist_ok=True)
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads),
+                    MKL_NUM_THREADS=str(threads))
+    full_env.update(env or {})
+    with open(console, "a" if append else "w", encoding="utf-8") as log:
+        log.write(command_text(args, launcher) + "\n\n")
+        log.flush()
+        proc = subprocess.Popen([sys.executable, *launcher, os.path.join(ROOT, "run.py"), *args,
+                                 "--no_progress"], cwd=ROOT, env=full_env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            if on_start is not None:
+                on_start(proc)
+            while proc.poll() is None:
+                if stop is not None and stop.is_set():
+                    interrupt(proc)
+                    break
+                time.sleep(POLL_SECONDS)
+                if on_poll is not None:
+                    on_poll()
+        except BaseException:       # Ctrl-C or an exit while waiting: stop the child first
+            interrupt(proc)
+            raise
+        return proc.wait()
+
+
+def last_line(console):
+    """The last non-empty line of a console log (a run's ``error:`` line when it failed)."""
+    try:
+        with open(console, encoding="utf-8", errors="replace") as f:
+            lines = [line.strip() for line in f.read().splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def run_job(job, threads=1, on_progress=None, stop=None):
     """Run ``python run.py`` for ``job`` (its output goes to ``job.console``);
     ``on_progress(epochs)`` hears how many epochs of it are done, read from the run's
     ``events.jsonl``."""
-    os.makedirs(os.path.dirname(job.console), exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads))
     start = time.time()
     before = len(read_events(job.logdir))      # records of earlier runs of this log dir
-    with open(job.console, "w", encoding="utf-8") as log:
-        log.write(command_text(job.args) + "\n\n")
-        log.flush()
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), *job.args,
-                                 "--no_progress"], cwd=ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-        while proc.poll() is None:
-            time.sleep(POLL_SECONDS)
-            if on_progress is not None:
-                on_progress(epochs_done(read_events(job.logdir)[before:], job.step))
-        code = proc.wait()
+
+    def poll():
+        if on_progress is not None:
+            on_progress(epochs_done(read_events(job.logdir)[before:], job.step))
+    code = run_process(job.args, job.console, threads=threads, stop=stop, on_poll=poll)
     if code != 0:
-        with open(job.console, encoding="utf-8") as f:
-            last = [line for line in f.read().splitlines() if line.strip()][-1:]
-        raise ExperimentError(f"run {job.name} failed (exit {code}): {' '.join(last)}; its "
-                              f"output is in {job.console}")
+        raise ExperimentError(f"run {job.name} failed (exit {code}): {last_line(job.console)}; "
+                              f"its output is in {job.console}")
     if on_progress is not None:
         on_progress(float(job.epochs))
     job.seconds = time.time() - start
@@ -243,27 +304,65 @@ def epochs_done(records, step):
     return float(done)
 
 
-def run_jobs(jobs, parallel=2, progress=None, report=None):
-    """Run ``jobs`` with ``parallel`` of them at a time (one CPU thread each), in the given
-    order except that a job waits for the job it continues from (``job.after``) when that
-    one is in the list too. ``progress``: a tqdm bar counted in epochs over all jobs;
-    ``report(job)`` is called as each one finishes. The first failure stops the rest."""
+def default_runner(job, slot, on_progress, stop):
+    """``run_jobs``' runner for ``Job``: one ``run.py`` with one CPU thread."""
+    run_job(job, threads=1, on_progress=on_progress, stop=stop)
+
+
+def run_jobs(jobs, parallel=2, progress=None, report=None, runner=None, keep_going=False,
+             on_failure=None):
+    """Run ``jobs`` with ``parallel`` of them at a time, in the given order except that a job
+    waits for the job it continues from (``job.after``) when that one is in the list too.
+
+    ``runner(job, slot, on_progress, stop)`` runs one job (default: ``run_job`` with one CPU
+    thread); ``slot`` (0..parallel-1) tells which of the parallel places it has, so that it
+    can pin itself to CPU cores or GPUs; ``stop`` is set on Ctrl-C. ``progress``: a tqdm bar
+    counted in epochs over all jobs (fed by ``on_progress``); ``report(job)`` is called as
+    each one finishes, ``on_failure(job, error)`` as each one fails.
+
+    By default the first failure stops the rest (running jobs finish) and is raised. With
+    ``keep_going`` every job runs whatever fails, a job whose ``after`` failed is a failure
+    itself without running, and the list of ``(job, error)`` failures is returned. On Ctrl-C
+    the running jobs are stopped cleanly (their runs stay resumable) before
+    KeyboardInterrupt propagates."""
+    runner = runner or default_runner
     names = {j.name for j in jobs}
-    pending, finished, failures = list(jobs), set(), []
+    pending, finished, failed = list(jobs), set(), {}
     cond = threading.Condition()
+    stop = threading.Event()
     done = {j.name: 0.0 for j in jobs}
+
+    def fail(job, error):       # with cond held
+        failed[job.name] = error
+        if on_failure is not None:
+            on_failure(job, error)
+        cond.notify_all()
 
     def next_job():
         with cond:
-            while pending and not failures:
+            while pending and not stop.is_set() and (keep_going or not failed):
                 for job in pending:
+                    if job.after in failed:
+                        pending.remove(job)
+                        fail(job, ExperimentError(f"run {job.name} was not started: the run it "
+                                                  f"continues from, {job.after}, failed"))
+                        break
                     if job.after not in names or job.after in finished:
                         pending.remove(job)
                         return job
-                cond.wait()
+                else:
+                    cond.wait()
             return None
 
-    def worker():
+    def worker(slot):
+        try:
+            work(slot)
+        finally:
+            with cond:
+                running[0] -= 1
+                cond.notify_all()
+
+    def work(slot):
         while True:
             job = next_job()
             if job is None:
@@ -276,37 +375,58 @@ def run_jobs(jobs, parallel=2, progress=None, report=None):
                             progress.update(epochs - done[name])
                             done[name] = epochs
             try:
-                run_job(job, threads=1, on_progress=on_progress)
-            except Exception as e:     # re-raised below, after the other runs stop
+                runner(job, slot, on_progress, stop)
+            except Exception as e:     # reported (or re-raised below) with the others
                 with cond:
-                    failures.append(e)
-                    cond.notify_all()
-                return
+                    fail(job, e)
+                continue
             with cond:
                 finished.add(job.name)
                 if report is not None:
                     report(job)
                 cond.notify_all()
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, parallel))]
+    threads = [threading.Thread(target=worker, args=(slot,), daemon=True)
+               for slot in range(max(1, parallel))]
+    running = [len(threads)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
-    if failures:
-        raise failures[0]
+
+    def wait_for_workers():
+        # not Thread.join: a Ctrl-C inside join() can mark a running thread as ended
+        # (CPython 3.11), and the runs it still stops would be left behind
+        with cond:
+            while running[0]:
+                cond.wait(POLL_SECONDS)
+    try:
+        wait_for_workers()
+    except KeyboardInterrupt:
+        stop.set()
+        with cond:
+            cond.notify_all()       # workers waiting for a job to depend on: give up
+        wait_for_workers()
+        raise
+    failures = [(j, failed[j.name]) for j in jobs if j.name in failed]
+    if failures and not keep_going:
+        raise failures[0][1]
+    return failures
+
+
+def copy_step0_results(src_results, dst_results):
+    """Copy ``step-0.json`` / ``.csv`` of a shared step-0 run's results folder into the
+    results folder of a run that started from it, so that tables (avg) and plots (mIoU after
+    each step) have every step of that run."""
+    from utils.checkpoint import atomic_write_bytes
+    for ext in ("json", "csv"):
+        with open(os.path.join(src_results, f"step-0.{ext}"), "rb") as f:
+            atomic_write_bytes(os.path.join(dst_results, f"step-0.{ext}"), f.read())
 
 
 def share_step0_results(cfg, method, suffix=""):
     """Copy the step-0 result files of the run ``method`` started from into its own
-    results folder, so that tables (avg) and plots (mIoU after each step) have both steps."""
-    from utils.checkpoint import atomic_write_bytes
-    src = results_dir(cfg, step0_name(STEP0_OF[method], suffix))
-    dst = results_dir(cfg, method + suffix)
-    for ext in ("json", "csv"):
-        path = os.path.join(src, f"step-0.{ext}")
-        with open(path, "rb") as f:
-            atomic_write_bytes(os.path.join(dst, f"step-0.{ext}"), f.read())
+    results folder (``copy_step0_results``)."""
+    copy_step0_results(results_dir(cfg, step0_name(STEP0_OF[method], suffix)),
+                       results_dir(cfg, method + suffix))
 
 
 # --- results ----------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The paper's old / new / all mIoU table (and plots) from the result files of many runs.
 
     python tools/results_table.py LOGDIR [LOGDIR ...] [--step N] [--group-by name|method]
-        [--old-with-bg | --old-without-bg] [--markdown PATH] [--csv PATH]
-        [--plots DIR] [--run PATH]
+        [--old-with-bg | --old-without-bg] [--hiou] [--markdown PATH] [--csv PATH]
+        [--latex PATH] [--plots DIR] [--run PATH]
 
 Every ``results/step-<N>.json`` below the given folders is read (files can be named directly
 too). One *run* is one ``results`` folder (one ``--name`` of one task). Runs are grouped:
@@ -16,11 +16,17 @@ too). One *run* is one ``results`` folder (one ``--name`` of one task). Runs are
   the same name under different log folders are seeds of one row too. ``--group-by method``
   uses the ``--method`` preset (the name when no preset was given).
 
-Runs of one row and setting are its seeds: the cell shows their mean ± the sample standard
-deviation (n - 1 in the denominator) when there are several, the value alone when there is
-one. Two runs of one row and setting with the same seed are an error (they would count twice).
-Figures are percentages with one decimal in Markdown; the CSV has the same layout with the
-unrounded mean, the std and the number of runs in separate columns.
+Runs of one row and setting are its seeds (and class orders, ``--class_order``): the cell
+shows their mean ± the sample standard deviation (n - 1 in the denominator) when there are
+several, the value alone when there is one. Two runs of one row and setting with the same
+seed and class order are an error (they would count twice). ``--hiou`` adds the harmonic
+mean of old and new (``hIoU``, computed per run, then averaged). Figures are percentages with
+one decimal in Markdown and LaTeX (``booktabs``, the best mean of each column in bold); the
+CSV has the same layout with the unrounded mean, the std and the number of runs in separate
+columns.
+
+``tools/sweep.py table`` builds its tables with these functions (its rows are the sweep's
+method entries: ``group_by`` may be a function of a run).
 """
 import argparse
 import csv
@@ -41,6 +47,8 @@ from utils.errors import UserError  # noqa: E402
 from utils.results import class_iou_figure, load_results, new_figure  # noqa: E402
 
 METRICS = ("old", "new", "all", "avg")
+WITH_HIOU = METRICS + ("hiou",)
+METRIC_LABELS = {"old": "old", "new": "new", "all": "all", "avg": "avg", "hiou": "hIoU"}
 # the MiB paper's row order; other rows follow alphabetically
 PAPER_ORDER = ("FT", "PI", "EWC", "RW", "LWF", "LWF-MC", "ILT", "MIB")
 DATASET_ORDER = ("voc", "ade")
@@ -155,6 +163,9 @@ def strip_seed_suffix(name, seed):
 
 
 def row_of(run, group_by):
+    """The row of a run: ``group_by(run)`` when it is a function, else by name or method."""
+    if callable(group_by):
+        return group_by(run)
     doc = run.last    # a sequence is called after its latest step
     base = strip_seed_suffix(str(doc["name"]), doc.get("seed"))
     if group_by == "method" and doc.get("method"):
@@ -167,24 +178,30 @@ def row_sort_key(row):
     return (PAPER_ORDER.index(upper), "") if upper in PAPER_ORDER else (len(PAPER_ORDER), upper)
 
 
-def group_runs(runs, group_by):
+def replica_of(run):
+    """(seed, class order): what tells the runs of one cell apart."""
+    return run.last.get("seed"), int(run.last.get("class_order") or 0)
+
+
+def group_runs(runs, group_by, row_key=row_sort_key):
     """{setting: {row: [runs]}} with settings and rows in table order; refuses two runs of
-    one cell with the same seed."""
+    one cell with the same seed and class order."""
     groups = {}
     for run in runs:
         setting, row = setting_of(run.last), row_of(run, group_by)
         cell = groups.setdefault(setting, {}).setdefault(row, [])
-        seed = run.last.get("seed")
-        clash = next((other for other in cell if other.last.get("seed") == seed), None)
+        seed, order = replica_of(run)
+        clash = next((other for other in cell if replica_of(other) == (seed, order)), None)
         if clash is not None:
             other_way = ("--group-by name" if group_by == "method" else
                          "different --random_seed values")
+            with_order = f" and class order {order}" if order else ""
             raise TableError(f"runs {clash.folder} and {run.folder} are both row '{row}' of "
-                             f"{setting.label} with seed {seed}; give only one of them, or use "
-                             f"{other_way}")
+                             f"{setting.label} with seed {seed}{with_order}; give only one of "
+                             f"them, or use {other_way}")
         cell.append(run)
     return OrderedDict(
-        (s, OrderedDict((r, groups[s][r]) for r in sorted(groups[s], key=row_sort_key)))
+        (s, OrderedDict((r, groups[s][r]) for r in sorted(groups[s], key=row_key)))
         for s in sorted(groups, key=Setting.sort_key))
 
 
@@ -209,6 +226,13 @@ def old_key(with_bg):
     return "miou_old" if with_bg else "miou_old_no_bg"
 
 
+def harmonic_mean(old, new):
+    """hIoU: the harmonic mean of old and new (None without old classes, 0 when both are 0)."""
+    if old is None or new is None:
+        return None
+    return 0.0 if old + new == 0 else 2 * old * new / (old + new)
+
+
 def run_figures(run, step, with_bg):
     """{metric: fraction or None} of one run at ``step``; None when the run lacks the step.
     ``avg`` needs every step 0..step."""
@@ -216,8 +240,10 @@ def run_figures(run, step, with_bg):
     if doc is None:
         return None
     alls = [run.docs[s]["miou_all"] if s in run.docs else None for s in range(step + 1)]
-    return {"old": doc[old_key(with_bg)], "new": doc["miou_new"], "all": doc["miou_all"],
-            "avg": None if any(v is None for v in alls) else statistics.fmean(alls)}
+    old, new = doc[old_key(with_bg)], doc["miou_new"]
+    return {"old": old, "new": new, "all": doc["miou_all"],
+            "avg": None if any(v is None for v in alls) else statistics.fmean(alls),
+            "hiou": harmonic_mean(old, new)}
 
 
 @dataclass
@@ -227,10 +253,15 @@ class Table:
     cells: dict             # (row, Setting) -> {metric: Stat}
     notes: list
     run_counts: dict        # (row, Setting) -> runs (seeds) at the step
+    metrics: tuple = METRICS
 
 
-def build_table(runs, group_by="name", step=None, with_bg=True):
-    groups = group_runs(runs, group_by)
+def build_table(runs, group_by="name", step=None, with_bg=True, metrics=METRICS,
+                row_key=row_sort_key):
+    """The table of ``runs`` at ``step`` (default: the last step of each task) with the
+    columns ``metrics`` per setting; ``row_key`` orders the rows (default: the paper's
+    order, then alphabetical)."""
+    groups = group_runs(runs, group_by, row_key)
     settings, cells, notes, rows, run_counts = [], {}, [], [], {}
     for setting, by_row in groups.items():
         target = step if step is not None else setting.last_step()
@@ -254,7 +285,7 @@ def build_table(runs, group_by="name", step=None, with_bg=True):
             if not figures:
                 continue
             used = True
-            cells[(row, setting)] = {m: Stat.of([f[m] for f in figures]) for m in METRICS}
+            cells[(row, setting)] = {m: Stat.of([f[m] for f in figures]) for m in metrics}
             run_counts[(row, setting)] = len(figures)
             if row not in rows:
                 rows.append(row)
@@ -266,8 +297,8 @@ def build_table(runs, group_by="name", step=None, with_bg=True):
                              "an earlier step with --step N")
         raise TableError(f"no run has a step-{step} result; pick a step the runs reached "
                          "(--step)")
-    rows.sort(key=row_sort_key)
-    return Table(settings, rows, cells, notes, run_counts)
+    rows.sort(key=row_key)
+    return Table(settings, rows, cells, notes, run_counts, tuple(metrics))
 
 
 def percent(value, digits):
@@ -281,15 +312,20 @@ def cell_text(stat):
     return text if stat.std is None else f"{text} ± {percent(stat.std, 1)}"
 
 
-def caption(table, with_bg, group_by):
+def caption(table, with_bg, group_by, replicas="seeds", count_label="seeds"):
+    """What the table shows, the background convention included; ``group_by`` says what
+    the rows are, ``replicas`` what its runs per cell are (e.g. "seeds and class orders")."""
     steps = sorted({s for _, s in table.settings})
     where = (f"after step {steps[0]}" if len(steps) == 1 else
              "after step " + ", ".join(f"{s} ({st.label})" for st, s in table.settings))
     old = "with" if with_bg else "without"
+    hiou = ("; hIoU = harmonic mean of old and new, per run" if "hiou" in table.metrics
+            else "")
     return (f"mIoU (%) {where}. old = classes of earlier steps {old} the background class; "
             "new = classes of this step; all = every class seen, background included; avg = "
-            "mean of all over steps 0..N. Mean ± sample std (n-1) over seeds where a row has "
-            f"several (runs per row: column 'seeds'). Rows by {group_by}.")
+            f"mean of all over steps 0..N{hiou}. Mean ± sample std (n-1) over {replicas} "
+            f"where a row has several (runs per row: column '{count_label}'). Rows by "
+            f"{group_by}.")
 
 
 def seeds_text(table, row):
@@ -297,12 +333,12 @@ def seeds_text(table, row):
     return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
 
 
-def to_markdown(table, caption_text):
-    header = ["method"] + [f"{s.label} · {m}" for s, _ in table.settings for m in METRICS] + \
-        ["seeds"]
+def to_markdown(table, caption_text, count_label="seeds"):
+    header = ["method"] + [f"{s.label} · {METRIC_LABELS[m]}" for s, _ in table.settings
+                           for m in table.metrics] + [count_label]
     body = [[row] + [cell_text(table.cells.get((row, s), {}).get(m))
-                     for s, _ in table.settings for m in METRICS] + [seeds_text(table, row)]
-            for row in table.rows]
+                     for s, _ in table.settings for m in table.metrics] +
+            [seeds_text(table, row)] for row in table.rows]
     widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
 
     def line(cells):   # names left-aligned, figures right-aligned (as the rule says)
@@ -321,19 +357,72 @@ def to_csv(table):
     writer = csv.writer(buf, lineterminator="\n")
     header = ["method"]
     for s, step in table.settings:
-        for m in METRICS:
-            col = f"{s.label} step {step} {m}"
+        for m in table.metrics:
+            col = f"{s.label} step {step} {METRIC_LABELS[m]}"
             header += [col, f"{col} std", f"{col} n"]
     writer.writerow(header)
     for row in table.rows:
         line = [row]
         for s, _ in table.settings:
-            for m in METRICS:
+            for m in table.metrics:
                 stat = table.cells.get((row, s), {}).get(m) or Stat()
                 line += ["" if stat.mean is None else round(100 * stat.mean, 6),
                          "" if stat.std is None else round(100 * stat.std, 6), stat.n]
         writer.writerow(line)
     return buf.getvalue()
+
+
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                 "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                 "^": r"\textasciicircum{}", "±": r"$\pm$", "–": "--"}
+
+
+def latex_escape(text):
+    return "".join(LATEX_SPECIAL.get(c, c) for c in str(text))
+
+
+def best_means(table):
+    """{(Setting, metric): the highest mean of the column, rounded as printed}."""
+    best = {}
+    for s, _ in table.settings:
+        for m in table.metrics:
+            means = [round(100 * st.mean, 1) for row in table.rows
+                     for st in [table.cells.get((row, s), {}).get(m)]
+                     if st is not None and st.mean is not None]
+            if means:
+                best[(s, m)] = max(means)
+    return best
+
+
+def latex_cell(stat, best):
+    if stat is None or stat.mean is None:
+        return "--"
+    mean = percent(stat.mean, 1)
+    if round(100 * stat.mean, 1) == best:
+        mean = rf"\textbf{{{mean}}}"
+    return mean if stat.std is None else rf"{mean} $\pm$ {percent(stat.std, 1)}"
+
+
+def to_latex(table, caption_text, count_label="seeds"):
+    """The table as a LaTeX ``table`` with ``booktabs`` rules: one column group per setting,
+    the best mean of each column in bold (needs ``\\usepackage{booktabs}``)."""
+    k = len(table.metrics)
+    best = best_means(table)
+    groups = " & ".join(rf"\multicolumn{{{k}}}{{c}}{{{latex_escape(s.label)}}}"
+                        for s, _ in table.settings)
+    rules = "".join(rf"\cmidrule(lr){{{2 + i * k}-{1 + (i + 1) * k}}}"
+                    for i in range(len(table.settings)))
+    names = " & ".join(METRIC_LABELS[m] for _ in table.settings for m in table.metrics)
+    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_escape(caption_text)}}}",
+             rf"\begin{{tabular}}{{l{'r' * (k * len(table.settings))}r}}", r"\toprule",
+             rf" & {groups} & \\", rules, rf"Method & {names} & {latex_escape(count_label)} \\",
+             r"\midrule"]
+    for row in table.rows:
+        cells = [latex_cell(table.cells.get((row, s), {}).get(m), best.get((s, m)))
+                 for s, _ in table.settings for m in table.metrics]
+        lines.append(" & ".join([latex_escape(row), *cells, seeds_text(table, row)]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
 
 
 # -- plots -------------------------------------------------------------------------------------
@@ -346,16 +435,18 @@ def save_png(fig, path):
     return path
 
 
-def plot_steps(runs, out_dir, group_by="name", with_bg=True):
-    """One PNG per setting: old / new / all mIoU after each step, a line per row (mean over
-    seeds, error bars = sample std). Returns the paths written."""
+def plot_steps(runs, out_dir, group_by="name", with_bg=True, panels=("old", "new", "all"),
+               bands=False, prefix="miou_steps", row_key=row_sort_key):
+    """One PNG per setting (``<prefix>_<setting>.png``): a panel per metric of ``panels``
+    with its mIoU after each step, a line per row (mean over seeds, sample std as error bars
+    or, with ``bands``, as a shaded band). Returns the paths written."""
     paths = []
-    for setting, by_row in group_runs(runs, group_by).items():
+    for setting, by_row in group_runs(runs, group_by, row_key).items():
         last = max(s for rs in by_row.values() for r in rs for s in r.docs)
         steps = list(range(last + 1))
-        fig = new_figure((12, 3.8))
-        axes = fig.subplots(1, 3, sharey=True)
-        for ax, metric in zip(axes, ("old", "new", "all")):
+        fig = new_figure((4 * len(panels) + 0.5, 3.8))
+        axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+        for ax, metric in zip(axes, panels):
             for row, row_runs in by_row.items():
                 xs, ys, errs = [], [], []
                 for s in steps:
@@ -365,7 +456,12 @@ def plot_steps(runs, out_dir, group_by="name", with_bg=True):
                         xs.append(s)
                         ys.append(100 * stat.mean)
                         errs.append(100 * (stat.std or 0.0))
-                if xs:
+                if xs and bands:
+                    line, = ax.plot(xs, ys, marker="o", label=row)
+                    ax.fill_between(xs, [y - e for y, e in zip(ys, errs)],
+                                    [y + e for y, e in zip(ys, errs)], alpha=0.2,
+                                    color=line.get_color(), linewidth=0)
+                elif xs:
                     ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=row)
             title = {"old": f"old ({'with' if with_bg else 'without'} background)",
                      "new": "new (this step's classes)", "all": "all"}[metric]
@@ -375,7 +471,7 @@ def plot_steps(runs, out_dir, group_by="name", with_bg=True):
         axes[-1].legend(loc="best", fontsize="small")
         fig.suptitle(f"{setting.label}: mIoU after each step")
         fig.tight_layout()
-        paths.append(save_png(fig, os.path.join(out_dir, f"miou_steps_{setting.slug}.png")))
+        paths.append(save_png(fig, os.path.join(out_dir, f"{prefix}_{setting.slug}.png")))
     return paths
 
 
@@ -407,7 +503,7 @@ def plot_class_iou(doc, path):
 def get_parser():
     p = argparse.ArgumentParser(
         prog="results_table.py",
-        description="Old / new / all mIoU tables (Markdown, CSV) and plots from the "
+        description="Old / new / all mIoU tables (Markdown, CSV, LaTeX) and plots from the "
                     "results/step-<N>.json files of many runs (methods, tasks, seeds).")
     p.add_argument("logdirs", nargs="*", metavar="LOGDIR",
                    help="folders searched recursively for results/step-<N>.json (e.g. the "
@@ -421,8 +517,12 @@ def get_parser():
                     help="old classes include the background (default; key miou_old)")
     bg.add_argument("--old-without-bg", dest="with_bg", action="store_false",
                     help="old classes exclude the background (key miou_old_no_bg)")
+    p.add_argument("--hiou", action="store_true",
+                   help="add the harmonic mean of old and new (hIoU) to each setting")
     p.add_argument("--markdown", metavar="PATH", help="also write the Markdown table here")
     p.add_argument("--csv", metavar="PATH", help="write the table as CSV here")
+    p.add_argument("--latex", metavar="PATH",
+                   help="write the table as LaTeX (booktabs) here")
     p.add_argument("--plots", metavar="DIR",
                    help="write PNG plots here: mIoU after each step per setting and, with "
                         "--run, the per-class IoU bars")
@@ -441,16 +541,19 @@ def main(argv=None):
     try:
         if args.logdirs:
             runs = load_runs(args.logdirs)
-            table = build_table(runs, args.group_by, args.step, args.with_bg)
-            markdown = to_markdown(table, caption(table, args.with_bg, args.group_by))
+            table = build_table(runs, args.group_by, args.step, args.with_bg,
+                                WITH_HIOU if args.hiou else METRICS)
+            text = caption(table, args.with_bg, args.group_by)
+            markdown = to_markdown(table, text)
             sys.stdout.write(markdown)
             for note in table.notes:
                 sys.stderr.write(f"note: {note}\n")
             if args.markdown:
                 atomic_write_text(args.markdown, markdown)
             if args.csv:
-                text = to_csv(table)
-                atomic_write_text(args.csv, text)
+                atomic_write_text(args.csv, to_csv(table))
+            if args.latex:
+                atomic_write_text(args.latex, to_latex(table, text))
             if args.plots:
                 for path in plot_steps(runs, args.plots, args.group_by, args.with_bg):
                     sys.stderr.write(f"plot: {path}\n")
