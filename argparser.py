@@ -163,8 +163,10 @@ def get_argparser():
     g.add_argument("--step", type=_steps, default="0",
                    help="step to run; [new] also a list (0,1,2) or all, run one after the other")
     g.add_argument("--step_ckpt", type=str, default=None,
-                   help="previous-step checkpoint (default "
-                        "<checkpoint_dir>/<task>-<dataset>_<name>_<step-1>.pth)")
+                   help="previous-step checkpoint of the (first) step to run (default "
+                        "<checkpoint_dir>/<task>-<dataset>_<name>_<step-1>.pth); with a list "
+                        "of steps the later ones start from this run's own checkpoints, as "
+                        "PLOP's code does")
 
     g = p.add_argument_group("method")
     g.add_argument("--method", type=_method, default=None, metavar="METHOD",
@@ -384,8 +386,6 @@ def _validate(opts, explicit):
     if opts.ckpt is not None and len(opts.steps) > 1:
         raise OptionError("--ckpt belongs to one step; give --step N or drop --ckpt "
                           "(interrupted steps resume by themselves with --resume auto)")
-    if opts.step_ckpt is not None and len(opts.steps) > 1:
-        raise OptionError("--step_ckpt belongs to one step; give --step N")
     if opts.protocol == "plop" and opts.no_mask and opts.dataset == "voc":
         raise OptionError("--no_mask does not exist under --protocol plop for VOC (PLOP's code "
                           "stops there); drop one of them")

@@ -210,3 +210,11 @@ def test_warnings_for_options_without_effect():
     assert any("--icarl_disjoint" in w for w in parse_options(["--icarl_disjoint"]).warnings)
     assert any("plain fine-tuning" in w
                for w in parse_options(["--task", "15-5", "--step", "1"]).warnings)
+
+
+def test_step_ckpt_belongs_to_the_first_step_of_a_list():
+    import run
+    opts = parse_options(["--task", "15-5s", "--step", "1,2,3", "--step_ckpt", "s0.pth"])
+    assert opts.step_ckpt == "s0.pth" and opts.steps == [1, 2, 3]
+    assert run.options_for_step(opts, 1).step_ckpt == "s0.pth"
+    assert run.options_for_step(opts, 2).step_ckpt is None      # its own previous step
