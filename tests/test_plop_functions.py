@@ -7,6 +7,7 @@ import functools
 import inspect
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -722,3 +723,15 @@ def test_errors_are_value_errors():
                               index_new_class=3)
     with pytest.raises(PseudoLabelError, match="'entropy' or 'probability'"):
         find_median(Identity(), [], "cpu", 3, mode="median")
+
+
+@pytest.mark.parametrize("options, where", [
+    ({"pool": True, "spp": 1}, "pod_options keys ['spp']"),
+    ({"switch": {"mask_position": "all", "after_": {}}}, "pod_options['switch'] keys ['after_']"),
+    ({"switch": {"before": {"normalise": True}}},
+     "pod_options['switch']['before'] keys ['normalise']"),
+])
+def test_misspelt_pod_options_are_refused_by_name(options, where):
+    a = [torch.rand(1, 2, 4, 4)]
+    with pytest.raises(PODError, match=re.escape(f"unknown {where}; known: ")):
+        features_distillation(a, [t.clone() for t in a], pod_options=options)

@@ -225,29 +225,27 @@ def _schedule(nb_current_classes, nb_new_classes):
     return math.sqrt(nb_current_classes / nb_new_classes)
 
 
-def _check_options(pod_options):
-    unknown = set(pod_options) - _OPTION_KEYS
+def _refuse_unknown(mapping, known, what):
+    unknown = set(mapping) - known
     if unknown:
-        raise PODError(f"unknown pod_options keys {sorted(unknown)}; known: {sorted(_OPTION_KEYS)}")
+        raise PODError(f"unknown {what} keys {sorted(unknown)}; known: {sorted(known)}")
+
+
+def _check_options(pod_options):
+    _refuse_unknown(pod_options, _OPTION_KEYS, "pod_options")
     switch = pod_options.get("switch")
     if not switch:
         return None
     if not isinstance(switch, dict):
         raise PODError(f"pod_options['switch'] must be a dict, got {switch!r}")
-    unknown = set(switch) - _SWITCH_KEYS
-    if unknown:
-        raise PODError(f"unknown pod_options['switch'] keys {sorted(unknown)}; known: "
-                       f"{sorted(_SWITCH_KEYS)}")
+    _refuse_unknown(switch, _SWITCH_KEYS, "pod_options['switch']")
     for name in ("before", "after"):
         part = switch.get(name)
         if part is None:
             continue
         if not isinstance(part, dict):
             raise PODError(f"pod_options['switch'][{name!r}] must be a dict, got {part!r}")
-        unknown = set(part) - _PART_KEYS
-        if unknown:
-            raise PODError(f"unknown keys {sorted(unknown)} in pod_options['switch'][{name!r}]; "
-                           f"known: {sorted(_PART_KEYS)}")
+        _refuse_unknown(part, _PART_KEYS, f"pod_options['switch'][{name!r}]")
     return switch
 
 
