@@ -21,9 +21,14 @@ $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	$(PIP) install -q -r requirements.txt -r requirements-test.txt
 	touch $@
 
+# make test runs one pytest worker per core (pytest-xdist; at most 4, as every end-to-end
+# test trains networks), each test file on one worker; TEST_WORKERS=0 runs in this process
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; \
+                  [ $$n -lt 2 ] && n=0; echo $$n)
+
 test: $(VENV)/.installed iabn-if-possible
 	$(PY) -m ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -m "not slow"

@@ -17,31 +17,45 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-_LEFT_OUT = []
+_IABN = {}        # "missing": the compiled package does not import; "left_out": tests left out
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_configure(config):
     from modules.norm import inplace_abn_available
-    needs = [item for item in items if item.get_closest_marker("iabn")]
-    if not needs or inplace_abn_available():
-        return
-    if os.environ.get("MIB_REQUIRE_IABN") == "1":
+    _IABN["missing"] = not inplace_abn_available()
+    if _IABN["missing"] and os.environ.get("MIB_REQUIRE_IABN") == "1":
         raise pytest.UsageError(
             "MIB_REQUIRE_IABN=1 but the compiled inplace_abn package does not import; build "
             "it with 'make iabn' (needs a C++ compiler)")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # 'make test' runs one pytest worker per core: one thread each, or they fight
+        import torch
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    needs = [item for item in items if item.get_closest_marker("iabn")]
+    if not needs or not _IABN["missing"]:
+        return
     config.hook.pytest_deselected(items=needs)
     items[:] = [item for item in items if item not in needs]
-    _LEFT_OUT.append(len(needs))
+    _IABN["left_out"] = len(needs)
 
 
-def pytest_terminal_summary(terminalreporter):
-    if _LEFT_OUT:
-        why = ROOT / ".venv" / ".iabn-missing"
-        reason = why.read_text().strip() if why.is_file() else "it is not installed"
-        terminalreporter.write_line(
-            f"left out: {_LEFT_OUT[0]} comparisons against the compiled inplace_abn package "
-            f"({reason}; 'make iabn' builds it with a C++ compiler); the pure-PyTorch norm "
-            "layers are tested in full")
+def pytest_terminal_summary(terminalreporter, config):
+    if not _IABN.get("missing"):
+        return
+    count = _IABN.get("left_out")
+    # under pytest-xdist this process only reports (the workers collect): it knows that the
+    # package is missing, not how many tests were left out
+    if count is None and not getattr(config.option, "numprocesses", None):
+        return            # no test of the kind was collected
+    why = ROOT / ".venv" / ".iabn-missing"
+    reason = why.read_text().strip() if why.is_file() else "it is not installed"
+    what = f"{count} comparisons" if count is not None else "the comparisons"
+    terminalreporter.write_line(
+        f"left out: {what} against the compiled inplace_abn package ({reason}; 'make iabn' "
+        "builds it with a C++ compiler); the pure-PyTorch norm layers are tested in full")
 
 
 @pytest.fixture(scope="session")
