@@ -6,6 +6,8 @@ checkpoint; prints old / new / all mIoU per method.
     python bench/bench_methods.py --quick            # FT, LwF, ILT, MiB: one step 0 (5 min)
     python bench/bench_methods.py --seeds 1,2        # mean ± std over training seeds
     python bench/bench_methods.py --methods FT,MiB --epochs0 6
+    python bench/bench_methods.py --plop             # FT, MiB, PLOP on 15-5 and 15-1
+                                                     # overlapped, 3 seeds (45 min)
 
 Step 0 is trained once per kind of step 0 (see tools/experiment.py): FT, LwF, ILT and MiB
 share the cross-entropy step 0; LwF-MC trains its own with BCE (as the original does); EWC,
@@ -21,6 +23,15 @@ normalised to at most 1 or 2) SGD with momentum 0.9 at 0.01 is unstable and the 
 up (``--lr1 0.001`` gives every method the paper's rate). Figures are percentages; "old" is
 the mean IoU of background and classes 1-15, "old-bg" of classes 1-15 alone. Nothing here
 passes or fails: the "expected" lines say whether the paper's ordering shows.
+
+``--plop`` compares FT, MiB and PLOP over whole sequences: VOC 15-5 (two steps) and 15-1 (six
+steps) overlapped, seeds 1, 2, 3 unless ``--seeds`` says otherwise, through the sweep tool
+(``tools/sweep.py``: it writes ``<out>/sweep.toml`` and trains one cross-entropy step 0 per
+task and seed for the three methods). Every step after the first trains ``--epochs1`` epochs
+at ``--lr1``. It prints the sweep's table (old / new / all / avg / hIoU at the last step, mean
+± std over the seeds) and PLOP's and MiB's training cost per image at the steps after the
+first relative to FT's, from the runs' ``events.jsonl`` (the runs share the cores, so these
+ratios are rough; ``bench/bench_train.py --methods FT,MiB,PLOP`` measures them alone).
 """
 import argparse
 import os
@@ -36,19 +47,27 @@ from tools import experiment as ex  # noqa: E402
 
 QUICK_METHODS = ("FT", "LWF", "ILT", "MiB")
 REGULARISERS = ("EWC", "PI", "RW")
+PLOP_METHODS = ("FT", "MiB", "PLOP")
+PLOP_TASKS = ("15-5", "15-1")
+PLOP_SEEDS = "1,2,3"
 
 
 def get_parser():
     d = ex.Config(out="")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "methods"),
-                   help="folder for data, checkpoints, logs")
+    p.add_argument("--out", default=None,
+                   help="folder for data, checkpoints, logs (default: bench/results/methods, "
+                        "with --plop bench/results/plop)")
     p.add_argument("--quick", action="store_true",
                    help=f"only {', '.join(QUICK_METHODS)} (they share one step 0)")
     p.add_argument("--methods", default=None,
                    help=f"comma-separated subset of {','.join(ex.METHODS)}")
-    p.add_argument("--seeds", default="42", help="training seeds (comma-separated)")
+    p.add_argument("--plop", action="store_true",
+                   help=f"{', '.join(PLOP_METHODS)} on {' and '.join(PLOP_TASKS)} overlapped "
+                        "over every step, through tools/sweep.py")
+    p.add_argument("--seeds", default=None,
+                   help=f"training seeds (comma-separated; default 42, with --plop {PLOP_SEEDS})")
     p.add_argument("--jobs", type=int, default=2,
                    help="runs side by side (one CPU thread each)")
     p.add_argument("--fresh", action="store_true", help="delete --out first")
@@ -70,12 +89,14 @@ def get_parser():
 
 def parse_methods(args):
     if args.methods:
+        valid = ex.METHODS + ("PLOP",) if args.plop else ex.METHODS
         wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
-        by_upper = {m.upper(): m for m in ex.METHODS}
+        by_upper = {m.upper(): m for m in valid}
         unknown = [m for m in wanted if m.upper() not in by_upper]
         if unknown:
             raise SystemExit(f"error: unknown method {unknown[0]}; valid: "
-                             f"{', '.join(ex.METHODS)}")
+                             f"{', '.join(valid)}"
+                             + ("" if args.plop else " (PLOP: with --plop)"))
         return [by_upper[m.upper()] for m in wanted]
     return list(QUICK_METHODS if args.quick else ex.METHODS)
 
@@ -107,10 +128,86 @@ def expectations(rows, suffix=""):
     return lines
 
 
+def toml_value(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def plop_sweep_text(cfg, methods, seeds):
+    """The sweep file of the PLOP comparison; paths are relative to ``cfg.out``, where it
+    is written."""
+    lines = ['name = "plop-comparison"', 'out = "."',
+             f"data_root = {toml_value(os.path.relpath(cfg.data_root, cfg.out))}",
+             f"methods = {toml_value(list(methods))}", f"seeds = {toml_value(list(seeds))}"]
+    for task in PLOP_TASKS:
+        lines += ["", "[[tasks]]", f"task = {toml_value(task)}", "overlap = true"]
+    options = {"backbone": cfg.backbone, "no_pretrained": True, "crop_size": cfg.crop_size,
+               "batch_size": cfg.batch_size, "num_workers": 0,
+               "val_interval": max(cfg.epochs0, cfg.epochs1)}
+    lines += ["", "[options]"] + [f"{k} = {toml_value(v)}" for k, v in options.items()]
+    lines += ["", "[datasets.voc]", f"epochs = {toml_value([cfg.epochs0, cfg.epochs1])}",
+              f"lr = {toml_value([cfg.lr0, cfg.lr1])}"]
+    return "\n".join(lines) + "\n"
+
+
+def training_cost(logs_root, methods):
+    """Seconds per training image at the steps after the first, per method, over every run
+    of the sweep below ``logs_root`` (named ``<method>-<task>...``)."""
+    from utils.events import read_events
+    seconds, images = {}, {}
+    for task_dir in sorted(os.listdir(logs_root)) if os.path.isdir(logs_root) else ():
+        for run in sorted(os.listdir(os.path.join(logs_root, task_dir))):
+            method = next((m for m in methods if run.startswith(m + "-")), None)
+            if method is None:
+                continue
+            for record in read_events(os.path.join(logs_root, task_dir, run), "epoch"):
+                if record.get("step", 0) > 0:
+                    seconds[method] = seconds.get(method, 0.0) + record["seconds"]
+                    images[method] = images.get(method, 0) + record["images"]
+    return {m: seconds[m] / images[m] for m in seconds if images.get(m)}
+
+
+def plop_comparison(args, cfg, methods, seeds):
+    from tools import sweep
+    os.makedirs(cfg.out, exist_ok=True)
+    path = os.path.join(cfg.out, "sweep.toml")
+    text = plop_sweep_text(cfg, methods, seeds)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    print(f"sweep file: {path}\n")
+    for command in (["plan", path], ["run", path, "--jobs", str(args.jobs)]):
+        print("$ python tools/sweep.py " + " ".join(command), flush=True)
+        code = sweep.main(command)
+        if code:
+            return code
+    print("\n$ python tools/sweep.py table " + path, flush=True)
+    code = sweep.main(["table", path])
+    cost = training_cost(os.path.join(cfg.out, "logs"), methods)
+    if "FT" in cost:
+        print("\ntraining cost per image at the steps after the first (all runs; runs "
+              "side by side share the cores):")
+        for m in methods:
+            if m in cost:
+                print(f"  {m:<5} {1000 * cost[m]:7.2f} ms/image  {cost[m] / cost['FT']:.2f}x FT")
+    return code
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    if args.plop and args.methods is None:
+        args.methods = ",".join(PLOP_METHODS)
+    if args.out is None:
+        args.out = os.path.join(ROOT, "bench", "results", "plop" if args.plop else "methods")
     methods = parse_methods(args)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    seeds = [int(s) for s in (args.seeds or (PLOP_SEEDS if args.plop else "42")).split(",")
+             if s.strip()]
     if args.fresh:
         shutil.rmtree(args.out, ignore_errors=True)
     cfg = ex.Config(out=args.out, n_train=args.n_train, n_val=args.n_val, size=args.size,
@@ -123,6 +220,10 @@ def main(argv=None):
     print(f"config: {cfg}")
     generated = ex.ensure_data(cfg)
     print(f"data: {'generated' if generated else 'reused'} {cfg.data_root}")
+    if args.plop:
+        code = plop_comparison(args, cfg, methods, seeds)
+        print(f"\ntotal {time.time() - start:.0f} s; {load_average()}")
+        return code
 
     first, second = ex.plan(cfg, methods, seeds)
     print("\ncommands (from the repository root), e.g.:")
