@@ -100,11 +100,19 @@ def check_counts(args):
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """SIGTERM and SIGHUP stop a sweep as Ctrl-C does (every run stays resumable); the
-    handlers before are back afterwards."""
+    """SIGTERM and SIGHUP stop a sweep as Ctrl-C does (every run stays resumable), except
+    one that was ignored when the sweep started (``nohup`` ignores SIGHUP: logging out must
+    not stop the sweep). SIGINT is always heard, even when the shell started the sweep with
+    it ignored (a background job of a script): it is how the sweep stops its runs, and a
+    run.py inherits an ignored SIGINT. The handlers before are back afterwards."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt
-    before = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    before = {signal.SIGINT: signal.getsignal(signal.SIGINT)}
+    if before[signal.SIGINT] == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) != signal.SIG_IGN:
+            before[sig] = signal.signal(sig, interrupt)
     try:
         yield
     finally:
