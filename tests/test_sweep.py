@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -419,7 +420,8 @@ def issue_sweep(tmp_path_factory, voc64):
     err.close()
     first = (proc.returncode, (folder / "sweep.err").read_text(), done_before)
     second = call(["run", path, "--jobs", "2"])
-    return folder, path, first, second
+    yield folder, path, first, second
+    shutil.rmtree(folder, ignore_errors=True)   # 16 runs' checkpoints: gigabytes
 
 
 @pytest.mark.slow
