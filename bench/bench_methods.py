@@ -174,13 +174,10 @@ def training_cost(logs_root, methods):
 
 def plop_comparison(args, cfg, methods, seeds):
     from tools import sweep
+    from utils.checkpoint import atomic_write_text
     os.makedirs(cfg.out, exist_ok=True)
     path = os.path.join(cfg.out, "sweep.toml")
-    text = plop_sweep_text(cfg, methods, seeds)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, plop_sweep_text(cfg, methods, seeds))
     print(f"sweep file: {path}\n")
     for command in (["plan", path], ["run", path, "--jobs", str(args.jobs)]):
         print("$ python tools/sweep.py " + " ".join(command), flush=True)
