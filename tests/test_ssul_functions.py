@@ -395,3 +395,12 @@ def test_memory_mix(case):
     assert sal.tolist() == case["expected_sal"]
     with pytest.raises(MemorySelectionError, match="match the training batch"):
         mix_memory((images,), (images[:1],))
+
+
+def test_memory_labels_shift_fix():
+    # S6: memory labels are masked to the steps so far and not shifted; the fix runs them
+    # through the training rule with a map of ones (background becomes unknown)
+    table = TASKS[("voc", "15-1")]
+    y = mask_and_order(np.array([[0, 3, 16, 17, 255]], dtype=np.uint8), table, 1, "memory")
+    assert y.tolist() == [[0, 3, 16, 0, 255]]
+    assert unknown_target(y, torch.ones_like(y)).tolist() == [[0, 4, 17, 0, 255]]
