@@ -84,6 +84,8 @@ def _torchvision_resnet(name, output_stride):
 def imagenet_weights_file(backbone, path=None):
     """The torchvision ImageNet file of ``backbone``: ``path`` if given, else the first of
     its names found in torchvision's cache (``$TORCH_HOME/hub/checkpoints``). Never downloads."""
+    if backbone not in _WEIGHT_FILES:
+        raise ValueError(f"unknown backbone {backbone!r}; valid: {', '.join(_WEIGHT_FILES)}")
     if path:
         if not os.path.isfile(path):
             raise RunError(f"ImageNet weights {path} not found: give the path of torchvision's "
@@ -245,7 +247,10 @@ def load_previous_step(model, state_dict, *, unknown, w_transfer):
     """Load the previous step's state dict into this step's ``model`` (which has one head
     more): every key must fit, only the new head may be missing. With ``unknown`` and
     ``w_transfer`` the new head is then initialised from the unknown head; otherwise it keeps
-    its fresh initialisation. A ``module.`` prefix is stripped."""
+    its fresh initialisation. SSUL's checkpoint dictionary (its ``model_state``) is accepted
+    as well; a ``module.`` prefix is stripped."""
+    if "model_state" in state_dict:
+        state_dict = state_dict["model_state"]
     state = {k[len("module."):] if k.startswith("module.") else k: v
              for k, v in state_dict.items()}
     heads = model.classifier.head

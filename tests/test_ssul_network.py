@@ -89,8 +89,15 @@ def test_previous_step_that_does_not_fit_is_one_clear_error():
     with pytest.raises(NetworkStateError, match="does not fit") as err:
         load_previous_step(model, other, unknown=True, w_transfer=True)
     assert isinstance(err.value, UserError)
-    prefixed = {f"module.{k}": v for k, v in HeadsOnly([1, 1, 2], 3).state_dict().items()}
+    previous = HeadsOnly([1, 1, 2], 3)
+    prefixed = {f"module.{k}": v for k, v in previous.state_dict().items()}
     load_previous_step(model, prefixed, unknown=True, w_transfer=True)
+    # SSUL's own checkpoint file: {"model_state", "optimizer_state", "best_score"}
+    with torch.no_grad():
+        previous.classifier.head[0][0].weight.fill_(0.5)
+    checkpoint = {"model_state": previous.state_dict(), "optimizer_state": {}, "best_score": -1}
+    load_previous_step(model, checkpoint, unknown=True, w_transfer=True)
+    assert bool((model.classifier.head[3][0].weight == 0.5).all())
 
 
 # ------------------------------------------------------------------- freezing, groups
