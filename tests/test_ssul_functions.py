@@ -47,6 +47,7 @@ from methods.ssul.memory import (
     MemorySelectionError,
     MemoryStallError,
     balanced_round_robin,
+    image_candidate,
     make_candidate,
     memory_file_names,
     mix_memory,
@@ -288,16 +289,12 @@ def memory_candidates(step, old_logits=None, threshold=0.7):
     table = TASKS[("voc", "15-1")]
     listed = select_step_images(parse_class_index(MEMORY["index_file"]), table, step - 1,
                                 overlap=True)
-    layout = class_layout(table, step - 1, True)
     out = []
     for k, name in enumerate(listed):
         mask = TF.center_crop(torch.tensor(MEMORY["masks"][name])[None], MEMORY["crop_size"])[0]
-        y = mask_and_order(mask.numpy(), table, step - 1, "train")
-        y = unknown_target(y, torch.zeros_like(y))  # unknown and background drop out anyway
-        if step > 1:
-            y = pseudo_label(y[None], old_logits[k][None], fg_idx=layout.fg_idx,
-                             threshold=threshold)[0]
-        out.append(make_candidate(name, y, fg_idx=layout.fg_idx, unknown=True))
+        logits = old_logits[k][None] if step > 1 else None
+        out.append(image_candidate(name, mask.numpy(), table, step, old_logits=logits,
+                                   threshold=threshold))
     return listed, out
 
 
@@ -404,3 +401,17 @@ def test_memory_labels_shift_fix():
     y = mask_and_order(np.array([[0, 3, 16, 17, 255]], dtype=np.uint8), table, 1, "memory")
     assert y.tolist() == [[0, 3, 16, 0, 255]]
     assert unknown_target(y, torch.ones_like(y)).tolist() == [[0, 4, 17, 0, 255]]
+
+
+def test_memory_candidates_use_sigmoid_unless_ce():
+    # S12: the old model's guess counts with sigmoid for bce and focal, softmax for ce only
+    table = TASKS[("voc", "15-1")]
+    mask = np.zeros((1, 2), dtype=np.uint8)             # background: step 1's list, step 2
+    logits = torch.full((1, 18, 1, 2), -4.0)
+    logits[0, 5] = 1.0                                  # class 4: sigmoid 0.73, softmax < 0.7
+    logits[0, 6] = 0.9
+    sigmoid = image_candidate("a", mask, table, 2, old_logits=logits, loss_type="focal_loss")
+    assert sigmoid == ["a", 1, 2, [4]]
+    assert image_candidate("a", mask, table, 2, old_logits=logits, loss_type="ce_loss")[3] == []
+    with pytest.raises(MemorySelectionError, match="old model's logits"):
+        image_candidate("a", mask, table, 2)

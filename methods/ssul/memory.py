@@ -1,6 +1,7 @@
 """The exemplar memory of SSUL-M (docs/behaviour.md, SSUL: memory).
 
-* ``candidate_labels`` / ``make_candidate``: what SSUL records per image;
+* ``candidate_labels`` / ``make_candidate`` / ``image_candidate``: what SSUL records per
+  image;
 * ``balanced_round_robin``: the class-balanced selection with SSUL's use of the NumPy
   generator. Candidates are opaque entries; ``labels_of`` says which classes an entry holds,
   so other layouts (DKD's ``[name, labels]``) and class lists reuse it unchanged;
@@ -15,8 +16,10 @@ import torch
 
 from utils.errors import UserError
 
-__all__ = ["candidate_labels", "make_candidate", "balanced_round_robin", "Selection",
-           "MemoryStallError", "ON_STALL", "update_memory_record", "memory_file_names",
+from .labels import class_layout, mask_and_order, pseudo_label, unknown_target
+
+__all__ = ["candidate_labels", "make_candidate", "image_candidate", "balanced_round_robin",
+           "Selection", "MemoryStallError", "ON_STALL", "update_memory_record", "memory_file_names",
            "mix_memory", "MemorySelectionError"]
 
 IGNORE = 255
@@ -47,6 +50,28 @@ def make_candidate(name, target, *, fg_idx, unknown, drop_ignore=False):
     target = torch.as_tensor(target)
     labels = candidate_labels(target, unknown=unknown, drop_ignore=drop_ignore)
     return [name, len(labels), int((target > fg_idx).sum()), labels]
+
+
+def image_candidate(name, mask, classes_per_step, step, *, unknown=True, old_logits=None,
+                    loss_type="bce_loss", threshold=0.7, drop_ignore=False):
+    """SSUL's candidate for one image of the step ``step - 1`` training list, selecting the
+    memory of ``step``: ``mask`` (original ids, already resized and centre-cropped as SSUL's
+    validation transform does) labelled as step ``step - 1`` training data, then at step > 1
+    pseudo-labelled with ``old_logits`` (1 x C x H x W, the step ``step - 1`` network) with
+    sigmoid, or softmax for ``ce_loss`` only, and a fixed ``threshold`` 0.7 (S12)."""
+    target = mask_and_order(mask, classes_per_step, step - 1, "train")
+    layout = class_layout(classes_per_step, step - 1, unknown)
+    if unknown:
+        # unknown (0) and background (1) both drop out of the candidate: no saliency needed
+        target = unknown_target(target, torch.ones_like(target))
+    if step > 1:
+        if old_logits is None:
+            raise MemorySelectionError("candidates after step 1 need the old model's logits")
+        kind = "ce_loss" if loss_type == "ce_loss" else "bce_loss"
+        target = pseudo_label(target[None], old_logits, fg_idx=layout.fg_idx,
+                              threshold=threshold, loss_type=kind)[0]
+    return make_candidate(name, target, fg_idx=layout.fg_idx, unknown=unknown,
+                          drop_ignore=drop_ignore)
 
 
 class Selection(NamedTuple):
