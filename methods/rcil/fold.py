@@ -187,17 +187,17 @@ def restore_folded_eps(model):
 def collapse_for_inference(model):
     """Fix of RC10: fold the eval average of every twin layer into its main conv and drop
     the twins from the forward, giving one conv per layer at inference (the paper's "no
-    extra cost"): the main conv becomes 2 * (W'(main) + W'(twin)), so it alone computes the
-    average. The layers then draw nothing and run one branch; the result equals the
-    two-branch eval output to float tolerance. For evaluation only (the twin's values stay
-    in the state dict but no longer act)."""
+    extra cost"): the main conv becomes W'(main) + W'(twin), the halves of the eval average
+    included, so it alone computes the average. The layers then draw nothing and run one
+    branch; the result equals the two-branch eval output to float tolerance. For evaluation
+    only (the twin's values stay in the state dict but no longer act)."""
     for layer in twin_layers(model):
         if isinstance(layer, TwinResidualBlock):
             (conv, norm), (conv_new, norm_new) = layer.branches
             w1, b1 = fold_conv_norm(conv.weight, conv.bias, norm)
             w2, b2 = fold_conv_norm(conv_new.weight, None, norm_new)
-            conv.weight.copy_(2 * (w1 + w2))
-            conv.bias = nn.Parameter(2 * (b1 + b2), requires_grad=False)
+            conv.weight.copy_(w1 + w2)
+            conv.bias = nn.Parameter(b1 + b2, requires_grad=False)
             _set_identity(norm)
         else:
             width = layer.hidden_channels
@@ -205,8 +205,8 @@ def collapse_for_inference(model):
                 part = slice(width * k, width * (k + 1))
                 w1, b1 = fold_conv_norm(conv.weight, conv.bias, layer.map_bn, part)
                 w2, b2 = fold_conv_norm(conv_new.weight, None, layer.map_bn_new, part)
-                conv.weight.copy_(2 * (w1 + w2))
-                conv.bias = nn.Parameter(2 * (b1 + b2), requires_grad=False)
+                conv.weight.copy_(w1 + w2)
+                conv.bias = nn.Parameter(b1 + b2, requires_grad=False)
             _set_identity(layer.map_bn)
         layer.single_branch = True
     model.eval()
