@@ -1,4 +1,4 @@
-"""RCIL's pooled cube distillation (docs/behaviour.md, "RCIL", §R.5.3), in place of PLOP's POD.
+"""RCIL's pooled cube distillation (docs/behaviour.md, "RCIL", §R.5), in place of PLOP's POD.
 
 Both functions take the old model's maps and the new model's maps (same order, same sizes;
 the logits may have more channels in the new model) and square them element-wise. A new map
