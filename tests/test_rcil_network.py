@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from methods.rcil.branches import (
+    BranchMixer,
     TwinDeeplabV3,
     TwinResidualBlock,
     add_twin_branches,
+    linearise_norms,
     twin_layers,
 )
 from methods.rcil.cube import CubeDistillationError, cube_spatial
@@ -25,7 +27,7 @@ from methods.rcil.fold import (
     refreeze_folded,
     restore_folded_eps,
 )
-from modules import DeeplabV3, ResidualBlock, is_norm_layer
+from modules import DeeplabV3, ResidualBlock, is_norm_layer, norm_act_factory
 from segmentation_module import make_model
 
 SIZES_R18 = [64, 64, 128, 128, 256, 256, 512, 512, 1024]
@@ -283,3 +285,45 @@ def test_cube_distillation_rejects_an_unknown_dataset():
     with pytest.raises(CubeDistillationError, match="datasets voc"):
         cube_spatial(maps, maps, index_new_class=1, nb_current_classes=2, nb_new_classes=1,
                      dataset="coco")
+
+
+def _small_twin_block(norm_act):
+    torch.manual_seed(4)
+    block = ResidualBlock(8, [4, 4, 8], norm_act=norm_act_factory(norm_act)).double()
+    net = torch.nn.Module()
+    net.blk = TwinResidualBlock.from_block(block, BranchMixer(), copy_twin=False)
+    linearise_norms(net, linear_norms=True)
+    randomise_norms(net)
+    with torch.no_grad():
+        net.blk.convs.bn2.weight[0] = -0.7     # a negative gamma: |gamma| + eps != gamma
+    return net
+
+
+def test_fold_of_abn_norms_needs_the_exact_scale():
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    for exact, should_match in ((False, False), (True, True)):   # RC2 and its fix
+        net = _small_twin_block("abn")
+        net.eval()
+        with torch.no_grad():
+            average = net.blk.forward_parts(x)[3]
+            fold_twin_branches(net, exact_scale=exact)
+            merged = net.blk.forward_parts(x)[1]
+        assert torch.allclose(merged, average, rtol=1e-9, atol=1e-11) is should_match
+
+
+def test_head_fold_slices_by_256_unless_told_otherwise():
+    torch.manual_seed(4)
+    head = DeeplabV3(8, 4, hidden_channels=16, norm_act=norm_act_factory("iabn_sync"),
+                     pooling_size=32).double()
+    twin = TwinDeeplabV3.from_head(head, BranchMixer())
+    linearise_norms(twin)
+    randomise_norms(twin)
+    with pytest.raises(ValueError, match="aspp_width=None"):   # RC9: 4 x 256 > 64 channels
+        fold_twin_branches(twin)
+    x = torch.randn(1, 8, 3, 3, dtype=torch.float64)
+    twin.eval()
+    with torch.no_grad():
+        a, a_new = twin.aspp_branches(x)
+        fold_twin_branches(twin, aspp_width=None)
+        merged = twin.aspp_branches(x)[0]
+    torch.testing.assert_close(merged, 0.5 * a + 0.5 * a_new, rtol=1e-9, atol=1e-11)

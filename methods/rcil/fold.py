@@ -26,13 +26,23 @@ __all__ = ["fold_conv_norm", "add_fold_biases", "fold_twin_branches", "folded_pa
 RCIL_ASPP_WIDTH = 256
 
 
+def _exact_scale(norm):
+    """The scale the norm layer really applies: ``|weight| + eps`` for the in-place ABN
+    variants, ``weight`` for ``abn`` and ``std``."""
+    if hasattr(norm, "scale"):
+        return norm.scale()
+    if "InPlace" in type(norm).__name__:   # the compiled package's layers
+        return norm.weight.abs() + norm.eps
+    return norm.weight
+
+
 def fold_conv_norm(weight, bias, norm, channels=slice(None), exact_scale=False):
     """(W', b') of one conv + norm pair, the eval average's 1/2 included. ``channels``: the
     norm's channels that follow this conv (a slice of ``map_bn`` for an ASPP conv).
     ``exact_scale`` uses the norm's own scale (``weight`` for ``abn``) instead of RCIL's
     ``|weight| + eps`` (fix of RC2)."""
     eps = norm.eps
-    scale = norm.scale() if exact_scale and hasattr(norm, "scale") else norm.weight.abs() + eps
+    scale = _exact_scale(norm) if exact_scale else norm.weight.abs() + eps
     g = scale[channels] / 2
     std = torch.sqrt(norm.running_var[channels] + eps)
     s = g / std
