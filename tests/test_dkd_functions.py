@@ -30,6 +30,7 @@ from methods.dkd import (
     param_group_layout,
     per_channel_mean,
     predict,
+    published_config,
     wbce_map,
 )
 from modules.dkd_deeplab import DKDDeepLab, apply_step_freezing
@@ -339,3 +340,25 @@ def test_parameter_groups_and_freezing(case):
     flags = {"backbone.bn": model.backbone.bn.training, "aspp.bn": model.aspp.bn.training,
              "aspp.drop": model.aspp.drop.training}
     assert flags == case["expected_training_flags_after_freeze"]
+
+
+# ------------------------------------------------------------------- published scripts
+SCRIPT_LINES = [c for c in CASES["config"]["train"] if "--multiprocessing_distributed" in c["argv"]]
+
+
+@pytest.mark.parametrize("case", SCRIPT_LINES, ids=names(SCRIPT_LINES))
+def test_published_script_configuration(case):
+    """The effective configuration DKD's parser gives for three lines of its published scripts
+    (each line's dataset, task, step and memory size are read from it)."""
+    argv = case["argv"].split()
+    value = {flag: argv[i + 1] for i, flag in enumerate(argv[:-1]) if flag.startswith("--")}
+    dataset = "ade" if "ade" in argv[argv.index("-c") + 1] else "voc"
+    got = published_config(dataset, value["--task_name"], int(value["--task_step"]),
+                           memory=int(value.get("--mem_size", 0)) > 0,
+                           setting=value["--task_setting"])
+    for masking in ("val_masking_value", "test_masking_value"):
+        assert got.pop(masking) == CASES["config"]["defaults"][dataset]["data_loader"]["args"][
+            masking.split("_")[0]]["args"]["masking_value"]
+    # numbers by value: DKD's command line gives floats where its JSON has ints
+    assert json.loads(json.dumps(got), parse_int=float) == \
+        json.loads(json.dumps(case["expected"]), parse_int=float)

@@ -26,10 +26,11 @@ from .labels import (
 )
 from .losses import ac_map, channel_sum, kd_map, per_channel_mean, wbce_map
 from .optim import dkd_param_groups, dkd_scheduler, param_group_layout
+from .presets import published_config
 
 __all__ = ["DKDEvaluator", "dkd_scores", "evaluator_layout", "log_strings", "predict",
            "DKDLosses", "DKDWeights", "dkd_losses", "dkd_training_loss", "candidate_labels",
            "candidate_records", "has_new_class", "has_seen_class", "mask_labels",
            "only_seen_classes", "pseudo_label_background", "ac_map", "channel_sum", "kd_map",
            "per_channel_mean", "wbce_map", "dkd_param_groups", "dkd_scheduler",
-           "param_group_layout"]
+           "param_group_layout", "published_config"]
