@@ -362,3 +362,33 @@ def test_published_script_configuration(case):
     # numbers by value: DKD's command line gives floats where its JSON has ints
     assert json.loads(json.dumps(got), parse_int=float) == \
         json.loads(json.dumps(case["expected"]), parse_int=float)
+
+
+def test_iteration_gradient_matches_finite_differences():
+    """The step >= 1 loss (L_mbce's target in float64, the D9 fix, so that float64 finite
+    differences apply) differentiates correctly with respect to the features and every
+    classifier, through the decomposition into P and N. L_ac is left out: its input is
+    detached on purpose, which finite differences of the features do not see."""
+    case = CASES["train_step"]["incremental"][1]
+    hp = case["hyperparameter"]
+    weights = DKDWeights(pos_weight=float(hp["pos_weight"]), mbce=hp["mbce"], kd=hp["kd"],
+                         dkd_pos=hp["dkd_pos"], dkd_neg=hp["dkd_neg"], ac=0.0,
+                         mbce_target_in_logit_dtype=True)
+    f = tensor(case["feature"]).requires_grad_()
+    model = stub_network(f, case["cls_weight"], case["cls_bias"])
+    old = stub_network(tensor(case["feature_old"]), case["cls_weight_old"],
+                       case["cls_bias_old"]).eval()
+    x, labels = images(f, case["image_hw"]), tensor(case["label"], torch.long)
+    n_old, n_new = sum(case["classes"][:-1]), case["classes"][-1]
+    names = [n for n, _ in model.named_parameters()]
+
+    def loss(feature, *values):
+        model.backbone.feature = feature
+
+        def network(images, ret_intermediate=False):
+            return torch.func.functional_call(model, dict(zip(names, values)), (images,),
+                                              {"ret_intermediate": ret_intermediate})
+        return dkd_training_loss(network, old, x, labels, n_old, n_new, weights).total
+
+    inputs = [f] + [p.detach().clone().requires_grad_() for p in model.parameters()]
+    assert torch.autograd.gradcheck(loss, inputs, fast_mode=True)
