@@ -1,4 +1,4 @@
-"""DKD's segmentation network (docs/behaviour.md §18.3): a torchvision ResNet body at output
+"""DKD's segmentation network (docs/behaviour.md §19.3): a torchvision ResNet body at output
 stride 16, DKD's ASPP head (torchvision's ASPP with a 0.1 dropout and an extra 3x3 conv), and
 per-step sigmoid classifiers ``cls[0..t]`` whose first one, the auxiliary classifier, sees the
 head output detached.

@@ -2,7 +2,7 @@
 output stride, the positive/negative decomposition, the auxiliary classifier's detached input,
 the freezing of BN and dropout after ``train()``, the new classifier's initialisation, one
 training iteration end to end, and the fix switches of L_mbce. The rules are those of DKD's
-code (docs/behaviour.md §18.3-18.6)."""
+code (docs/behaviour.md §19.3-19.6)."""
 import pytest
 import torch
 import torch.nn as nn

@@ -1,6 +1,6 @@
 """DKD (Baek et al., NeurIPS 2022): decomposed knowledge distillation with sigmoid per-class
 classifiers, an auxiliary "all negative" classifier that seeds every new one, and (DKD-M) an
-exemplar memory (docs/behaviour.md §18).
+exemplar memory (docs/behaviour.md §19).
 
 This package holds DKD's numerical core, with DKD's names where it has them; the network is
 ``modules/dkd_deeplab.py``:
@@ -12,7 +12,7 @@ This package holds DKD's numerical core, with DKD's names where it has them; the
 * ``labels``: label masking, image selection, memory candidates and their labels.
 
 It is not registered as a ``--method`` yet (options, presets, the memory and the lifecycle
-hooks come later, docs/behaviour.md §18.10)."""
+hooks come later, docs/behaviour.md §19.10)."""
 from .evaluation import DKDEvaluator, dkd_scores, evaluator_layout, log_strings, predict
 from .iteration import DKDLosses, DKDWeights, dkd_losses, dkd_training_loss
 from .labels import (

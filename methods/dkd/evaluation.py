@@ -1,4 +1,4 @@
-"""DKD's prediction rule and scores (docs/behaviour.md §18.7).
+"""DKD's prediction rule and scores (docs/behaviour.md §19.7).
 
 Prediction: s = sigmoid(z); the first argmax of s over the class channels (the auxiliary
 channel 0 ignored), background (0) where no class channel has s > 0.5 (s = 0.5 exactly does

@@ -1,4 +1,4 @@
-"""One DKD training iteration's loss, in DKD's order (docs/behaviour.md §18.6).
+"""One DKD training iteration's loss, in DKD's order (docs/behaviour.md §19.6).
 
 Step 0:   L = mbce * L_mbce + ac * L_ac
 Step >= 1: L = mbce * L_mbce + kd * L_kd + dkd_pos * L_pos + dkd_neg * L_neg + ac * L_ac

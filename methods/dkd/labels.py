@@ -1,4 +1,4 @@
-"""DKD's label rules (docs/behaviour.md §18.2, §18.8): label masking per set, the image
+"""DKD's label rules (docs/behaviour.md §19.2, §19.8): label masking per set, the image
 selection predicates, and the records its memory selection draws from.
 
 Labels keep their dataset ids (no remapping, D15). Masking with value m:

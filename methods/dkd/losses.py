@@ -1,4 +1,4 @@
-"""DKD's loss terms (docs/behaviour.md §18.4), each a per-pixel map of binary cross-entropies
+"""DKD's loss terms (docs/behaviour.md §19.4), each a per-pixel map of binary cross-entropies
 with soft targets, reduced per channel by the mean over its pixels and then summed over the
 channels (D10).
 

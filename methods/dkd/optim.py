@@ -1,4 +1,4 @@
-"""DKD's parameter groups and learning-rate schedules (docs/behaviour.md §18.5).
+"""DKD's parameter groups and learning-rate schedules (docs/behaviour.md §19.5).
 
 | step | group | parameters                                        | lr      | weight decay |
 | 0    | 1     | backbone (BN affine unless ``freeze_all_bn``)      | lr      | wd           |

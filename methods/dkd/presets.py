@@ -1,7 +1,7 @@
-"""DKD's published configurations (docs/behaviour.md §18.1): its two configuration files'
+"""DKD's published configurations (docs/behaviour.md §19.1): its two configuration files'
 defaults and what its published scripts change per step, as DKD's configuration keys. The
 ``--method DKD`` presets and the sweep file are to be derived from these (the mapping of the
-keys to this project's options is in docs/behaviour.md §18.10).
+keys to this project's options is in docs/behaviour.md §19.10).
 
 Every published script runs 4 processes (the batch size here is per process), overlapped
 setting, the same number of epochs at every step, and at step >= 1 ``--freeze_bn`` and a
