@@ -23,3 +23,26 @@ def make_scheduler(optimizer, policy, max_iters, power=0.9, decay_step=5000, dec
     if policy == "step":
         return StepLR(optimizer, step_size=decay_step, gamma=decay_factor)
     raise ValueError(f"unknown lr policy '{policy}'; valid: poly, step")
+
+
+class WarmupPolyLR(LRScheduler):
+    """``lr_k = base_lr * w_k * (1 - k / max_iters) ** power`` with a linear warm-up
+    ``w_k = warmup_factor * (1 - k / K) + k / K`` for k < K = ``warmup_iters`` (in iterations,
+    may be fractional), 1 afterwards."""
+
+    def __init__(self, optimizer, max_iters, warmup_iters, warmup_factor=0.001, power=0.9,
+                 last_epoch=-1):
+        self.max_iters = max_iters
+        self.warmup_iters = warmup_iters
+        self.warmup_factor = warmup_factor
+        self.power = power
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self):
+        k = self.last_epoch
+        warmup = 1.0
+        if k < self.warmup_iters:
+            alpha = k / self.warmup_iters
+            warmup = self.warmup_factor * (1 - alpha) + alpha
+        factor = warmup * max(0.0, 1 - k / self.max_iters) ** self.power
+        return [base_lr * factor for base_lr in self.base_lrs]
