@@ -20,7 +20,7 @@ shorter side between 3/4 S and S.
 
 A VOC image's saliency map marks its objects (outlines included) with the errors a real
 saliency detector makes: smooth blobs of background marked salient and of objects missed
-(about 9 % and 6 % of their pixels on average), salient values between 48 and 255, 0
+(about 9 % and 6-7 % of their pixels on average), salient values between 48 and 255, 0
 elsewhere. The maps have their own random stream, so images and masks are the same as
 before the maps existed.
 """
