@@ -7,7 +7,17 @@
 #   <data_root>/PascalVOC12/SegmentationClassAug_Visualization/   (not read by the code)
 #   <data_root>/PascalVOC12/splits/train_aug.txt, val.txt, ...    (the DeepLab "list" folder)
 #
+# Optional, for the methods that read saliency maps (SSUL; see data/README.md):
+#
+#   <data_root>/PascalVOC12/saliency_map/<id>.png           (8-bit grey, any value > 0 salient)
+#
 # Usage: bash data/download_voc.sh [data_root]        (default: data)
+#        WITH_SALIENCY=1 SALIENCY_URL=... bash data/download_voc.sh [data_root]
+#
+# The saliency step runs when WITH_SALIENCY=1 or SALIENCY_URL is set. No address is built in:
+# SALIENCY_URL names the archive of the maps (a .zip, .tar or .tar.gz; a URL or a local
+# file), holding a saliency_map/ folder or the PNG files themselves. Without it the step
+# stops at once, saying where to get the maps and where to put them.
 #
 # Safe to run again: finished parts are kept, missing ones are fetched. Archives go to
 # <data_root>/downloads/ and are deleted after a complete run (KEEP_ARCHIVES=1 keeps them).
@@ -33,6 +43,14 @@ mkdir -p "$DATA_ROOT" || die "cannot create $DATA_ROOT"
 DATA_ROOT="$(cd "$DATA_ROOT" && pwd)"
 VOC="$DATA_ROOT/PascalVOC12"
 DOWNLOADS="$DATA_ROOT/downloads"
+
+SALIENCY_URL="${SALIENCY_URL:-}"
+WITH_SALIENCY="${WITH_SALIENCY:-0}"
+if [ -n "$SALIENCY_URL" ]; then WITH_SALIENCY=1; fi
+# checked before anything is downloaded: the maps have no built-in address
+if [ "$WITH_SALIENCY" = 1 ] && [ -z "$SALIENCY_URL" ] && [ ! -d "$VOC/saliency_map" ]; then
+    die "WITH_SALIENCY=1 needs SALIENCY_URL: this script has no address for the saliency maps; get the archive of the maps SSUL uses (linked from the data preparation notes of github.com/clovaai/SSUL) and rerun with SALIENCY_URL=/path/to/the/archive, or unpack it yourself so that $VOC/saliency_map/<id>.png exists for every training image"
+fi
 mkdir -p "$DOWNLOADS"
 
 # fetch URL FILE VARIABLE: download once (a complete file is never fetched again)
@@ -55,7 +73,7 @@ fetch() {
 
 unpack() {  # unpack ARCHIVE DIR
     case "$1" in
-        *.tar) tar -xf "$1" -C "$2" || die "cannot unpack $1 (damaged download? delete it and rerun)" ;;
+        *.tar|*.tar.gz|*.tgz) tar -xf "$1" -C "$2" || die "cannot unpack $1 (damaged download? delete it and rerun)" ;;
         *.zip) if command -v unzip >/dev/null; then
                    unzip -q -o "$1" -d "$2" || die "cannot unpack $1 (damaged download? delete it and rerun)"
                else
@@ -118,6 +136,43 @@ check_list() {
 }
 check_list train_aug.txt "$EXPECTED_TRAIN"
 check_list val.txt "$EXPECTED_VAL"
+
+# 4. optional: the saliency maps, one per training image
+if [ "$WITH_SALIENCY" = 1 ]; then
+    SALIENCY="$VOC/saliency_map"
+    if [ ! -d "$SALIENCY" ]; then
+        case "$SALIENCY_URL" in
+            *.zip) archive=saliency_map.zip ;;
+            *.tar) archive=saliency_map.tar ;;
+            *.tar.gz|*.tgz) archive=saliency_map.tar.gz ;;
+            *) die "SALIENCY_URL must name a .zip, .tar or .tar.gz archive, got $SALIENCY_URL (download it by hand and give its path)" ;;
+        esac
+        fetch "$SALIENCY_URL" "$archive" SALIENCY_URL
+        scratch="$(mktemp -d "$DATA_ROOT/.unpack.XXXXXX")"
+        unpack "$DOWNLOADS/$archive" "$scratch"
+        found="$(find "$scratch" -maxdepth 3 -type d -name saliency_map -not -path '*/__MACOSX/*' | head -n 1)"
+        if [ -z "$found" ]; then
+            pngs=("$scratch"/*.png)
+            [ "${#pngs[@]}" -gt 0 ] || die "$archive holds no saliency_map folder and no PNG files at its top (wrong archive?)"
+            found="$scratch"
+        fi
+        mv "$found" "$SALIENCY"     # appears only when complete
+        chmod 755 "$SALIENCY"
+        rm -rf "$scratch"
+    else
+        echo "have $SALIENCY"
+    fi
+    n=0; missing=0; first=""
+    while read -r img _; do
+        id="${img##*/}"; id="${id%.jpg}"
+        if [ ! -f "$SALIENCY/$id.png" ]; then
+            missing=$((missing + 1)); [ -n "$first" ] || first="$SALIENCY/$id.png"
+        fi
+        n=$((n + 1))
+    done < "$VOC/splits/train_aug.txt"
+    [ "$missing" -eq 0 ] || die "$missing of $n training images have no saliency map, e.g. $first is missing (wrong or incomplete archive? delete $SALIENCY and rerun with another SALIENCY_URL)"
+    echo "$SALIENCY: a saliency map for each of the $n training images"
+fi
 
 if [ "${KEEP_ARCHIVES:-0}" != 1 ]; then
     rm -rf "$DOWNLOADS"

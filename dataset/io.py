@@ -14,13 +14,25 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError
 PRESENCE_COLUMNS = 257
 
 
+# How to get the per-pixel maps of a folder beside the images: the hint of a missing map.
+MAP_SOURCES = {
+    "saliency_map": "get the maps with the optional saliency step of data/download_voc.sh "
+                    "(WITH_SALIENCY=1, see data/README.md), or use python -m "
+                    "dataset.synthetic, whose VOC trees have them",
+}
+
+# 8-bit modes a map may be stored in and is converted from (to grey levels).
+_MAP_CONVERTED_MODES = ("1", "LA", "RGB", "RGBA")
+
+
 @contextlib.contextmanager
-def _reading(kind, path):
+def _reading(kind, path, missing_hint=None):
     """Turns a missing or undecodable ``kind`` ("image", "mask") file into our errors."""
     try:
         yield
     except FileNotFoundError:
-        raise DatasetLayoutError(f"{kind} file {path} is missing") from None
+        hint = f"; {missing_hint}" if missing_hint else ""
+        raise DatasetLayoutError(f"{kind} file {path} is missing{hint}") from None
     except _DECODE_ERRORS as e:
         raise CorruptFileError(f"cannot read {kind} {path}: {e}; replace or re-download "
                                "the file") from None
@@ -37,6 +49,34 @@ def open_mask(path):
     with _reading("mask", path), Image.open(path) as mask:
         mask.load()
     return mask
+
+
+def pixel_map_path(images_root, folder, name):
+    """Where the map of image ``name`` (its file name without extension) lives:
+    ``<images_root>/<folder>/<name>.png``, beside the images' own folder."""
+    return os.path.join(images_root, folder, name + ".png")
+
+
+def read_pixel_map(images_root, folder, name, size=None):
+    """The per-pixel map of image ``name`` in ``folder`` (e.g. saliency maps), as a uint8
+    H x W array: grey and palette PNGs as stored, binary and colour ones as grey levels.
+
+    ``size``, the image's (width, height), is checked against the map's when given. A missing
+    file is one error naming it and saying how to get the maps (``MAP_SOURCES``)."""
+    path = pixel_map_path(images_root, folder, name)
+    hint = MAP_SOURCES.get(folder, f"every image needs a PNG of its name in {folder}/")
+    with _reading("map", path, hint), Image.open(path) as img:
+        img.load()
+        if img.mode in _MAP_CONVERTED_MODES:
+            img = img.convert("L")
+        elif img.mode not in ("L", "P"):
+            raise CorruptFileError(f"map {path} has {img.mode} pixels; 8-bit maps are read "
+                                   "(grey, palette, binary or colour): convert the file")
+        if size is not None and tuple(img.size) != tuple(size):
+            raise DatasetLayoutError(
+                f"map {path} is {img.size[0]}x{img.size[1]} pixels, its image "
+                f"{size[0]}x{size[1]}: the maps must be made for these images")
+        return np.array(img, dtype=np.uint8)
 
 
 def mask_presence(path):

@@ -4,7 +4,8 @@
         --size S --seed K
 
 writes ``DIR/PascalVOC12`` (JPEG images, palette PNG masks with 255 borders around objects,
-``splits/train_aug.txt`` and ``splits/val.txt`` in the leading-slash format) or
+``splits/train_aug.txt`` and ``splits/val.txt`` in the leading-slash format, 8-bit grey
+saliency maps in ``saliency_map/``) or
 ``DIR/ADEChallengeData2016`` (``images/`` and ``annotations/`` for training and validation,
 masks 0..150 with 0 as void). The output depends only on the arguments.
 
@@ -16,6 +17,12 @@ of a set of classes that meets every step's label group (all 20 classes for VOC,
 cover of the task groups for ADE), which both the disjoint and the overlapped selection
 keep; in validation, those classes drawn on top of other objects. Longer side = S pixels,
 shorter side between 3/4 S and S.
+
+A VOC image's saliency map marks its objects (outlines included) with the errors a real
+saliency detector makes: smooth blobs of background marked salient and of objects missed
+(about 9 % and 6-7 % of their pixels on average), salient values between 48 and 255, 0
+elsewhere. The maps have their own random stream, so images and masks are the same as
+before the maps existed.
 """
 import argparse
 import colorsys
@@ -40,6 +47,10 @@ log = logging.getLogger(__name__)
 NUM_CLASSES = {"voc": 20, "ade": 150}
 FOLDER = {"voc": "PascalVOC12", "ade": "ADEChallengeData2016"}
 MARKER = "SYNTHETIC.json"
+# Written into the marker: 2 = VOC trees carry saliency maps. A tree with another version
+# is out of date (tools/experiment.py regenerates it).
+VERSION = 2
+SALIENCY_DIR = "saliency_map"
 GOLDEN = 0.6180339887498949
 N_SHAPES = 5
 N_TEXTURES = 6
@@ -215,6 +226,24 @@ def draw_sample(dataset, classes, size, rng, short_side=(0.75, 1.0)):
     return np.clip(img, 0, 255).astype(np.uint8), labels
 
 
+def _smooth_noise(rng, h, w, cells=5):
+    """Values in [0, 1] varying smoothly over the image (a cells x cells grid, bilinear)."""
+    coarse = rng.uniform(0, 1, size=(cells, cells)).astype(np.float32)
+    return np.asarray(Image.fromarray(coarse, mode="F").resize((w, h), Image.BILINEAR))
+
+
+def draw_saliency(mask, rng):
+    """uint8 saliency map of a label mask: every non-zero pixel (objects and their void
+    outlines) salient, except where a smooth noise field is below 0.2 (missed object parts);
+    background salient where it is above 0.8 (false detections). Salient pixels take grey
+    values 48..255 from a second smooth field, the others 0."""
+    h, w = mask.shape
+    field = _smooth_noise(rng, h, w)
+    salient = np.where(mask != 0, field >= 0.2, field > 0.8)
+    grey = np.round(48 + 207 * _smooth_noise(rng, h, w)).astype(np.uint8)
+    return np.where(salient, grey, 0).astype(np.uint8)
+
+
 # --- writing the trees -----------------------------------------------------------------------
 
 def _prepare(dataset_root):
@@ -229,14 +258,19 @@ def _prepare(dataset_root):
 
 def write_voc_tree(data_root, train, val):
     """Write VOC-layout samples: ``train`` and ``val`` are iterables of (id, RGB uint8
-    array, uint8 mask array); masks are saved as palette PNGs, lists in split order."""
+    array, uint8 mask array[, uint8 saliency map]); masks are saved as palette PNGs,
+    saliency maps as grey PNGs, lists in split order."""
     voc = os.path.join(data_root, FOLDER["voc"])
     for sub in ("JPEGImages", "SegmentationClassAug", "splits"):
         os.makedirs(os.path.join(voc, sub), exist_ok=True)
     palette = voc_palette()
     for list_name, samples in (("train_aug.txt", train), ("val.txt", val)):
         lines = []
-        for name, img, mask in samples:
+        for name, img, mask, *saliency in samples:
+            if saliency:
+                os.makedirs(os.path.join(voc, SALIENCY_DIR), exist_ok=True)
+                Image.fromarray(saliency[0]).save(
+                    os.path.join(voc, SALIENCY_DIR, name + ".png"))
             Image.fromarray(img).save(os.path.join(voc, "JPEGImages", name + ".jpg"),
                                       quality=90)
             m = Image.fromarray(mask).convert("P")
@@ -262,10 +296,24 @@ def write_ade_tree(data_root, train, val):
 
 
 def _samples(dataset, plans, prefix, split_code, size, seed, digits):
+    """(name, image, mask) per plan; for VOC also the saliency map, from its own stream so
+    that the images and masks do not depend on it."""
     for i, classes in enumerate(plans):
         rng = np.random.default_rng([seed, split_code, i])
         img, mask = draw_sample(dataset, classes, size, rng)
-        yield f"{prefix}_{i + (dataset == 'ade'):0{digits}d}", img, mask
+        name = f"{prefix}_{i + (dataset == 'ade'):0{digits}d}"
+        if dataset == "voc":
+            yield name, img, mask, draw_saliency(mask, np.random.default_rng(
+                [seed, split_code, i, 1]))
+        else:
+            yield name, img, mask
+
+
+def record(dataset, n_train, n_val, size, seed):
+    """What the marker of a tree made with these arguments holds (compare to detect stale
+    data)."""
+    return {"dataset": dataset, "n_train": n_train, "n_val": n_val, "size": size,
+            "seed": seed, "version": VERSION}
 
 
 def generate(dataset, data_root, n_train, n_val, size=128, seed=0):
@@ -287,7 +335,7 @@ def generate(dataset, data_root, n_train, n_val, size=128, seed=0):
         write_ade_tree(data_root, _samples("ade", train_plans, "ADE_train", 0, size, seed, 8),
                        _samples("ade", val_plans, "ADE_val", 1, size, seed, 8))
     atomic_write_text(os.path.join(dataset_root, MARKER), json.dumps(
-        {"dataset": dataset, "n_train": n_train, "n_val": n_val, "size": size, "seed": seed}))
+        record(dataset, n_train, n_val, size, seed)))
     return dataset_root
 
 

@@ -1,7 +1,10 @@
 """The synthetic data generator: layouts, determinism, coverage of every task step,
 and classes that can be told apart."""
 import colorsys
+import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +15,7 @@ from PIL import Image
 import tasks
 from dataset import DatasetError
 from dataset.ade import AdeSegmentation
-from dataset.synthetic import class_colour, generate, main
+from dataset.synthetic import SALIENCY_DIR, VERSION, class_colour, generate, main
 from dataset.utils import scan_masks, select_indices
 from dataset.voc import VOCSegmentation
 
@@ -141,3 +144,84 @@ def test_command_line(tmp_path, capsys):
     assert main(["--dataset", "ade", "--data_root", str(tmp_path / "real")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def pixels_digest(folder):
+    """SHA-256 over the relative paths and decoded pixels of a tree (other files: bytes),
+    leaving out the marker and the saliency maps."""
+    digest = hashlib.sha256()
+    for path, dirs, files in sorted(os.walk(folder)):
+        dirs.sort()
+        for f in sorted(files):
+            rel = os.path.relpath(os.path.join(path, f), folder)
+            if rel == "SYNTHETIC.json" or rel.startswith(SALIENCY_DIR):
+                continue
+            digest.update(rel.encode())
+            if f.endswith((".jpg", ".png")):
+                digest.update(np.asarray(Image.open(os.path.join(path, f))).tobytes())
+            else:
+                digest.update(open(os.path.join(path, f), "rb").read())
+    return digest.hexdigest()
+
+
+# Digests of generate(dataset, root, 6, 2, size=24, seed=3) made by the generator as it was
+# before it wrote saliency maps (commit 51d0ae0): the maps must not change any other output.
+DIGESTS_BEFORE_SALIENCY = {
+    "voc": "32ef6c13d6cf3733f2001c099fa52a0a59588e5184ee6671dae92456cc7cc622",
+    "ade": "0a79e501d2b2ce3c4130b115e1b2598d6fa3e9a5b21c68244ef6b4d1a5f9263a",
+}
+
+
+@pytest.mark.parametrize("dataset", ["voc", "ade"])
+def test_saliency_maps_leave_images_masks_and_lists_as_they_were(dataset, tmp_path):
+    folder = generate(dataset, str(tmp_path), 6, 2, size=24, seed=3)
+    assert pixels_digest(folder) == DIGESTS_BEFORE_SALIENCY[dataset]
+    assert os.path.isdir(os.path.join(folder, SALIENCY_DIR)) == (dataset == "voc")
+
+
+def test_voc_saliency_maps_mark_the_objects_with_noise(synthetic_voc):
+    voc = synthetic_voc / "PascalVOC12"
+    names = [line.split()[0][len("/JPEGImages/"):-4]
+             for split in ("train_aug.txt", "val.txt")
+             for line in (voc / "splits" / split).read_text().splitlines()]
+    assert len(names) == 88 and len(os.listdir(voc / SALIENCY_DIR)) == 88
+    hits = {"object": [0, 0], "background": [0, 0]}
+    values = set()
+    for name in names:
+        sal = Image.open(voc / SALIENCY_DIR / f"{name}.png")
+        mask = np.asarray(Image.open(voc / "SegmentationClassAug" / f"{name}.png"))
+        assert sal.mode == "L" and sal.size == mask.shape[::-1]
+        sal = np.asarray(sal)
+        values |= set(np.unique(sal).tolist())
+        for part, region in (("object", mask != 0), ("background", mask == 0)):
+            hits[part][0] += int((sal[region] > 0).sum())
+            hits[part][1] += int(region.sum())
+    missed = 1 - hits["object"][0] / hits["object"][1]
+    false = hits["background"][0] / hits["background"][1]
+    # mostly right, with both kinds of errors; salient pixels take many grey levels >= 48
+    assert 0.01 < missed < 0.15 and 0.01 < false < 0.2, (missed, false)
+    assert min(values - {0}) >= 48 and len(values) > 100
+
+
+def test_saliency_maps_follow_the_seed(tmp_path):
+    maps = {}
+    for seed in (5, 5, 6):
+        folder = generate("voc", str(tmp_path / str(seed)), 4, 2, size=24, seed=seed)
+        maps.setdefault(seed, []).append(read_tree(os.path.join(folder, SALIENCY_DIR)))
+    assert maps[5][0] == maps[5][1] and len(maps[5][0]) == 6
+    assert maps[6][0].keys() == maps[5][0].keys() and maps[6][0] != maps[5][0]
+
+
+def test_a_tree_of_an_older_generator_is_made_again(tmp_path):
+    """A marker without the generator's version (trees made before the saliency maps) does
+    not pass for current data: the benchmark's data step writes the tree again."""
+    from tools import experiment as ex
+    cfg = ex.Config(out=str(tmp_path), n_train=4, n_val=2, size=24)
+    assert ex.ensure_data(cfg) and not ex.ensure_data(cfg)
+    folder = tmp_path / "data" / "PascalVOC12"
+    marker = json.loads((folder / "SYNTHETIC.json").read_text())
+    assert marker.pop("version") == VERSION
+    (folder / "SYNTHETIC.json").write_text(json.dumps(marker))
+    shutil.rmtree(folder / SALIENCY_DIR)
+    assert ex.ensure_data(cfg)
+    assert len(os.listdir(folder / SALIENCY_DIR)) == 6

@@ -87,8 +87,10 @@ class Config:
         return os.path.join(self.out, "checkpoints")
 
     def data_settings(self):
-        return {"dataset": DATASET, "n_train": self.n_train, "n_val": self.n_val,
-                "size": self.size, "seed": self.data_seed}
+        """What the generator's marker holds for this data (its version included: a tree of
+        an older generator, e.g. without saliency maps, does not match)."""
+        from dataset.synthetic import record
+        return record(DATASET, self.n_train, self.n_val, self.size, self.data_seed)
 
     def step1_lr(self, method):
         return self.lr1_of.get(method, self.lr1)
