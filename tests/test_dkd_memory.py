@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from methods.dkd.labels import candidate_records
+from methods.dkd.labels import candidate_records, mask_labels
 from methods.dkd.memory import (
     MemorySelectionError,
     MemoryStallError,
@@ -100,3 +100,13 @@ def test_step_2_needs_the_previous_record():
                            np.random.RandomState(1))
     with pytest.raises(MemorySelectionError, match="steps >= 1"):
         memory_pool(None, 0, [])
+
+
+def test_exemplar_labels_lose_their_old_classes_unless_kept():
+    """D4: an exemplar used at step 1 of 5-3 (classes 1-5 old, 6-8 new) is masked as that
+    step's training data, so its old classes become 0; the fix keeps its ground truth (255
+    stays, future classes still become 0)."""
+    label = torch.tensor([[0, 2, 6], [5, 255, 9]], dtype=torch.uint8)
+    old, new = [1, 2, 3, 4, 5], [6, 7, 8]
+    assert mask_labels(label, new, old, 0).tolist() == [[0, 0, 6], [0, 255, 0]]
+    assert mask_labels(label, new, old, 0, keep_old=True).tolist() == [[0, 2, 6], [5, 255, 0]]
