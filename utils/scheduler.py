@@ -6,10 +6,13 @@ class PolyLR(LRScheduler):
     """``lr_k = base_lr * (1 - k / max_iters) ** power``, k = scheduler steps done so far;
     with ``min_lr`` never below it (SSUL's poly)."""
 
+    min_lr = None   # a class default, so a floorless schedule's state dict is as before
+
     def __init__(self, optimizer, max_iters, power=0.9, last_epoch=-1, min_lr=None):
         self.max_iters = max_iters
         self.power = power
-        self.min_lr = min_lr
+        if min_lr is not None:
+            self.min_lr = min_lr
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self):
