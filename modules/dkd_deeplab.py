@@ -1,7 +1,8 @@
-"""DKD's segmentation network (docs/behaviour.md §19.3): a torchvision ResNet body at output
-stride 16, DKD's ASPP head (torchvision's ASPP with a 0.1 dropout and an extra 3x3 conv), and
-per-step sigmoid classifiers ``cls[0..t]`` whose first one, the auxiliary classifier, sees the
-head output detached.
+"""DKD's segmentation network (docs/behaviour.md §19.3): the torchvision ResNet body of
+``modules.tv_resnet`` (shared with SSUL's network) at output stride 16, DKD's ASPP head
+(torchvision's ASPP with a 0.1 dropout and an extra 3x3 conv), and per-step sigmoid
+classifiers ``cls[0..t]`` whose first one, the auxiliary classifier, sees the head output
+detached.
 
 ``forward(x, ret_intermediate=False)`` returns ``(logits, {})``, or with ``ret_intermediate``
 ``(logits, {"neg_reg": N, "pos_reg": P})``: the head output seen through the positive and the
@@ -12,55 +13,33 @@ upsampling. State-dict keys are DKD's: ``backbone.*`` (torchvision names), ``asp
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from torchvision.models.segmentation.deeplabv3 import ASPP
+
+from . import tv_resnet
+from .tv_resnet import set_bn_momentum
 
 __all__ = ["DKD_BACKBONES", "ResNetBody", "DKDASPP", "DKDDeepLab", "make_dkd_deeplab",
            "load_imagenet_body", "freeze_bn", "freeze_dropout", "apply_step_freezing",
            "set_bn_momentum", "positive_part", "negative_part"]
 
-DKD_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+DKD_BACKBONES = tuple(tv_resnet.TV_BACKBONES)
 HEAD_CHANNELS = 256
 ASPP_RATES = (6, 12, 18)
 HEAD_DROPOUT = 0.1
 BACKBONE_BN_MOMENTUM = 0.01   # DKD's current model; every other BN keeps torch's 0.1
 
 
-def _dilate_last_stage(stage):
-    """Output stride 16: the last stage keeps its resolution. Its first block loses the stride
-    (its 3x3 convs keep dilation 1), the later blocks' 3x3 convs get dilation 2, as torchvision
-    builds it with ``replace_stride_with_dilation=[False, False, True]``; done by hand so the
-    basic blocks of ResNet-18/34 (which torchvision refuses to dilate) follow the same rule."""
-    for index, block in enumerate(stage):
-        for conv in (m for m in block.modules() if isinstance(m, nn.Conv2d)):
-            if conv.kernel_size == (3, 3):
-                if index == 0:
-                    conv.stride = (1, 1)
-                else:
-                    conv.dilation, conv.padding = (2, 2), (2, 2)
-            elif conv.stride != (1, 1):       # the 1x1 shortcut of the first block
-                conv.stride = (1, 1)
-
-
-class ResNetBody(nn.Module):
-    """A torchvision ResNet without its pooling and ``fc``; returns the last stage's map
-    (stride 16). Parameter names are torchvision's (``conv1``, ``bn1``, ``layer1..4``)."""
+class ResNetBody(tv_resnet.ResNetBody):
+    """The shared torchvision body (``modules.tv_resnet``) at DKD's only output stride, 16:
+    ``layer4`` keeps its resolution (first block without stride, later 3x3 convs dilation 2).
+    Built by name; ``out_channels`` is the last stage's width."""
 
     def __init__(self, name="resnet101", output_stride=16):
-        super().__init__()
         if name not in DKD_BACKBONES:
             raise ValueError(f"unknown DKD backbone {name!r}; valid: {', '.join(DKD_BACKBONES)}")
         if output_stride != 16:
             raise ValueError(f"DKD's network has output stride 16, got {output_stride}")
-        net = getattr(torchvision.models, name)(weights=None)
-        for part in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
-            setattr(self, part, getattr(net, part))
-        _dilate_last_stage(self.layer4)
-        self.out_channels = net.fc.in_features
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        super().__init__(tv_resnet.torchvision_resnet(name, output_stride))
 
 
 def load_imagenet_body(body, state_dict):
@@ -162,12 +141,6 @@ class DKDDeepLab(nn.Module):
 
     def freeze_dropout(self):
         freeze_dropout(self)
-
-
-def set_bn_momentum(module, momentum):
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = momentum
 
 
 def freeze_bn(module, affine_freeze=False):

@@ -1,10 +1,10 @@
 """The torchvision-style DeepLab-v3 of SSUL's lineage (docs/behaviour.md, SSUL section).
 
-Body: torchvision's ResNet (plain BatchNorm + ReLU; ``layer4`` dilated for output stride 16,
-``layer3`` and ``layer4`` for 8), of which only ``layer4``'s map is used. Classifier:
-torchvision's ASPP (1x1, three atrous 3x3, image pooling; projection with dropout 0.1) and
-one head per entry of ``num_classes`` (3x3 conv + BN + ReLU + 1x1 conv); the logits are the
-heads' outputs concatenated, upsampled bilinearly to the input size.
+Body: torchvision's ResNet (``modules.tv_resnet``: plain BatchNorm + ReLU; ``layer4`` dilated
+for output stride 16, ``layer3`` and ``layer4`` for 8), of which only ``layer4``'s map is used.
+Classifier: torchvision's ASPP (1x1, three atrous 3x3, image pooling; projection with dropout
+0.1) and one head per entry of ``num_classes`` (3x3 conv + BN + ReLU + 1x1 conv); the logits
+are the heads' outputs concatenated, upsampled bilinearly to the input size.
 
 State-dict keys are SSUL's: ``backbone.<torchvision resnet keys without fc>``,
 ``classifier.aspp.*``, ``classifier.head.<k>.{0,1,3}.*``, so its checkpoints load as they are.
@@ -12,109 +12,34 @@ State-dict keys are SSUL's: ``backbone.<torchvision resnet keys without fc>``,
 Also here: the new head's transfer from the unknown head, freezing a step's parameters, and
 BatchNorm freezing (every BN in eval mode with its affine frozen whenever ``train()`` runs).
 """
-import os
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
-from torchvision.models import resnet as tv_resnet
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from utils.errors import RunError
+
+from .tv_resnet import (
+    TV_BACKBONES,
+    ResNetBody,
+    imagenet_weights_file,
+    set_bn_momentum,
+    torchvision_resnet,
+)
 
 __all__ = ["TV_BACKBONES", "ASPP_RATES", "ResNetBody", "StepHeads", "DeepLabHead",
            "TVDeepLabV3", "make_tv_deeplab", "assemble_tv_deeplab", "imagenet_weights_file",
            "freeze_bn", "set_bn_momentum", "transfer_unknown_head", "load_previous_step",
            "freeze_for_step", "NetworkStateError"]
 
-# torchvision constructors and their output channels
-TV_BACKBONES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048,
-                "resnet152": 2048}
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
-_DILATE = {16: (False, False, True), 8: (False, True, True)}
-# torchvision's ImageNet files: the current name, then the one SSUL's torchvision used
-_WEIGHT_FILES = {
-    "resnet18": ("resnet18-f37072fd.pth", "resnet18-5c106cde.pth"),
-    "resnet34": ("resnet34-b627a593.pth", "resnet34-333f7ec4.pth"),
-    "resnet50": ("resnet50-0676ba61.pth", "resnet50-19c8e357.pth"),
-    "resnet101": ("resnet101-63fe2227.pth", "resnet101-5d3b4d8f.pth"),
-    "resnet152": ("resnet152-394f9c45.pth", "resnet152-b121ed2d.pth"),
-}
 BACKBONE_BN_MOMENTUM = 0.01   # SSUL sets it on the body; the classifier keeps 0.1
 HEAD_DROPOUT = 0.1
 
 
 class NetworkStateError(RunError):
     """A state dict that does not fit the network of this step."""
-
-
-# ------------------------------------------------------------------------------ body
-def _dilate_basic_blocks(layer, dilation, previous):
-    """What torchvision's ``replace_stride_with_dilation`` does, for BasicBlock layers
-    (torchvision refuses them): stride 1, first block at the previous dilation, the others at
-    ``dilation``."""
-    for i, block in enumerate(layer):
-        d = previous if i == 0 else dilation
-        block.conv1.stride = (1, 1)
-        for conv in (block.conv1, block.conv2):
-            conv.dilation, conv.padding = (d, d), (d, d)
-        if block.downsample is not None:
-            block.downsample[0].stride = (1, 1)
-        block.stride = 1
-
-
-def _torchvision_resnet(name, output_stride):
-    if name not in TV_BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(TV_BACKBONES)}")
-    if output_stride not in _DILATE:
-        raise ValueError(f"output stride must be 8 or 16, got {output_stride}")
-    build = getattr(tv_resnet, name)
-    if TV_BACKBONES[name] == 2048:
-        return build(weights=None, replace_stride_with_dilation=list(_DILATE[output_stride]))
-    net = build(weights=None)
-    dilation = 1
-    for layer_name, dilate in zip(("layer2", "layer3", "layer4"), _DILATE[output_stride]):
-        if dilate:
-            previous, dilation = dilation, dilation * 2
-            _dilate_basic_blocks(getattr(net, layer_name), dilation, previous)
-    return net
-
-
-def imagenet_weights_file(backbone, path=None):
-    """The torchvision ImageNet file of ``backbone``: ``path`` if given, else the first of
-    its names found in torchvision's cache (``$TORCH_HOME/hub/checkpoints``). Never downloads."""
-    if backbone not in _WEIGHT_FILES:
-        raise ValueError(f"unknown backbone {backbone!r}; valid: {', '.join(_WEIGHT_FILES)}")
-    if path:
-        if not os.path.isfile(path):
-            raise RunError(f"ImageNet weights {path} not found: give the path of torchvision's "
-                           f"{_WEIGHT_FILES[backbone][0]}")
-        return path
-    cache = os.path.join(torch.hub.get_dir(), "checkpoints")
-    for name in _WEIGHT_FILES[backbone]:
-        candidate = os.path.join(cache, name)
-        if os.path.isfile(candidate):
-            return candidate
-    raise RunError(f"no ImageNet weights for {backbone} in {cache}: put torchvision's "
-                   f"{_WEIGHT_FILES[backbone][0]} there (or give its path), or start from "
-                   f"random weights")
-
-
-class ResNetBody(nn.Module):
-    """A torchvision ResNet without ``avgpool``/``fc``; returns ``layer4``'s map."""
-
-    STAGES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
-
-    def __init__(self, net):
-        super().__init__()
-        for name in self.STAGES:
-            self.add_module(name, getattr(net, name))
-
-    def forward(self, x):
-        for module in self.children():
-            x = module(x)
-        return x
 
 
 # ------------------------------------------------------------------------ classifier
@@ -188,12 +113,6 @@ class TVDeepLabV3(nn.Module):
         return self
 
 
-def set_bn_momentum(module, momentum):
-    for m in module.modules():
-        if isinstance(m, _BatchNorm):
-            m.momentum = momentum
-
-
 def freeze_bn(module):
     """Every BatchNorm of ``module`` in eval mode, weight and bias without gradient."""
     for m in module.modules():
@@ -209,7 +128,7 @@ def make_tv_deeplab(num_classes, backbone="resnet101", output_stride=16, weights
     """SSUL's network for the per-step class counts ``num_classes`` (with the unknown class:
     ``[1, 1, n_0 - 1, n_1, ...]``). ``weights``: a torchvision ImageNet state dict or file,
     loaded strictly into the whole ResNet before ``fc`` is dropped; None = random weights."""
-    net = _torchvision_resnet(backbone, output_stride)
+    net = torchvision_resnet(backbone, output_stride)
     if weights is not None:
         state = weights if isinstance(weights, dict) else torch.load(
             weights, map_location="cpu", weights_only=True)

@@ -3,17 +3,24 @@ from torch.optim.lr_scheduler import LRScheduler, StepLR
 
 
 class PolyLR(LRScheduler):
-    """``lr_k = base_lr * (1 - k / max_iters) ** power``, k = scheduler steps done so far."""
+    """``lr_k = base_lr * (1 - k / max_iters) ** power``, k = scheduler steps done so far;
+    with ``min_lr`` never below it (SSUL's poly)."""
 
-    def __init__(self, optimizer, max_iters, power=0.9, last_epoch=-1):
+    min_lr = None   # a class default, so a floorless schedule's state dict is as before
+
+    def __init__(self, optimizer, max_iters, power=0.9, last_epoch=-1, min_lr=None):
         self.max_iters = max_iters
         self.power = power
+        if min_lr is not None:
+            self.min_lr = min_lr
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self):
         # clamped at 0: past max_iters the original's formula turns complex
         factor = max(0.0, 1 - self.last_epoch / self.max_iters) ** self.power
-        return [base_lr * factor for base_lr in self.base_lrs]
+        if self.min_lr is None:
+            return [base_lr * factor for base_lr in self.base_lrs]
+        return [max(base_lr * factor, self.min_lr) for base_lr in self.base_lrs]
 
 
 def make_scheduler(optimizer, policy, max_iters, power=0.9, decay_step=5000, decay_factor=0.1):
@@ -28,7 +35,8 @@ def make_scheduler(optimizer, policy, max_iters, power=0.9, decay_step=5000, dec
 class WarmupPolyLR(LRScheduler):
     """``lr_k = base_lr * w_k * (1 - k / max_iters) ** power`` with a linear warm-up
     ``w_k = warmup_factor * (1 - k / K) + k / K`` for k < K = ``warmup_iters`` (in iterations,
-    may be fractional), 1 afterwards."""
+    may be fractional), 1 afterwards; no floor. DKD's ``WarmupPolyLR`` and SSUL's
+    ``warm_poly`` (they differ only in K: a fraction of the iterations, or ``int(0.1 I)``)."""
 
     def __init__(self, optimizer, max_iters, warmup_iters, warmup_factor=0.001, power=0.9,
                  last_epoch=-1):

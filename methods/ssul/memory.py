@@ -121,7 +121,7 @@ def balanced_round_robin(pool, classes, mem_size, rng, *, labels_of=_ssul_labels
             if on_stall == "error":
                 raise MemoryStallError(
                     f"the memory cannot hold {mem_size} images: only {taken} of the "
-                    f"{len(pool)} candidates hold a class of the earlier steps (SSUL would "
+                    f"{len(pool)} candidates hold a class of the earlier steps (SSUL and DKD "
                     f"loop forever here); lower --mem_size, or let the selection stop short")
             break
     chosen = [entry for c in classes for entry in per_class[c]]

@@ -10,9 +10,10 @@ Groups, in order:
 Each group lists every parameter of its modules, BatchNorm ones too (those without gradient
 are skipped by the optimiser). SGD: momentum 0.9, Nesterov, weight decay on every group.
 """
-from torch.optim.lr_scheduler import LRScheduler, StepLR
+from torch.optim.lr_scheduler import StepLR
 
 from utils.errors import OptionError
+from utils.scheduler import PolyLR, WarmupPolyLR
 
 __all__ = ["param_groups", "named_param_groups", "FlooredPolyLR", "WarmupPolyLR",
            "make_ssul_scheduler", "LR_POLICIES", "BODY_LR", "CLASSIFIER_LR",
@@ -53,46 +54,20 @@ def param_groups(model, step, *, freeze, unknown, lr, weight_decay=1e-4, scale_b
                 background_lr_factor=background_lr_factor)]
 
 
-class FlooredPolyLR(LRScheduler):
-    """``max(base (1 - i/I)^power, min_lr)``, i = scheduler steps done (SSUL's ``poly``: the
+class FlooredPolyLR(PolyLR):
+    """SSUL's ``poly``: ``max(base (1 - i/I)^power, min_lr)``, i = scheduler steps done (the
     background head's 1e-6 stays 1e-6)."""
 
     def __init__(self, optimizer, max_iters, power=0.9, last_epoch=-1, min_lr=POLY_MIN_LR):
-        self.max_iters, self.power, self.min_lr = max_iters, power, min_lr
-        super().__init__(optimizer, last_epoch)
-
-    def get_lr(self):
-        factor = max(0.0, 1 - self.last_epoch / self.max_iters) ** self.power
-        return [max(base * factor, self.min_lr) for base in self.base_lrs]
-
-
-class WarmupPolyLR(LRScheduler):
-    """SSUL's ``warm_poly``: a linear warm-up from ``warmup_factor`` over ``warmup_iters``
-    (int(0.1 I) by default), times ``(1 - i/I)^power``; no floor."""
-
-    def __init__(self, optimizer, max_iters, warmup_factor=0.001, warmup_iters=None,
-                 power=0.9, last_epoch=-1):
-        self.max_iters, self.power, self.warmup_factor = max_iters, power, warmup_factor
-        self.warmup_iters = int(0.1 * max_iters) if warmup_iters is None else warmup_iters
-        super().__init__(optimizer, last_epoch)
-
-    def get_lr(self):
-        i = self.last_epoch
-        if i < self.warmup_iters:
-            alpha = i / self.warmup_iters
-            factor = self.warmup_factor * (1 - alpha) + alpha
-        else:
-            factor = 1.0
-        decay = max(0.0, 1 - i / self.max_iters) ** self.power
-        return [base * factor * decay for base in self.base_lrs]
+        super().__init__(optimizer, max_iters, power, last_epoch, min_lr=min_lr)
 
 
 def make_ssul_scheduler(optimizer, policy, max_iters, step_size=10000):
     """The schedule of SSUL's ``--lr_policy`` (stepped after every iteration)."""
     if policy == "poly":
         return FlooredPolyLR(optimizer, max_iters)
-    if policy == "warm_poly":
-        return WarmupPolyLR(optimizer, max_iters)
+    if policy == "warm_poly":   # a linear warm-up over the first int(0.1 I) iterations
+        return WarmupPolyLR(optimizer, max_iters, warmup_iters=int(0.1 * max_iters))
     if policy == "step":
         return StepLR(optimizer, step_size=step_size, gamma=0.1)
     raise OptionError(f"--lr_policy {policy!r} is not one of {', '.join(LR_POLICIES)}")
