@@ -102,9 +102,14 @@ def make_optimizer(model, opts):
                    "weight_decay": opts.weight_decay})
     groups.append({"params": [p for p in model.cls.parameters() if p.requires_grad],
                    "weight_decay": opts.weight_decay})
-    # one fused kernel for all parameters on CUDA; the same update rule everywhere
-    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
-    return torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum, nesterov=True, **fused)
+    kernel = sgd_kernel(next(model.parameters()).is_cuda, opts.amp)
+    return torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum, nesterov=True, **kernel)
+
+
+def sgd_kernel(on_cuda, amp):
+    """SGD's implementation keyword: one fused kernel for all parameters on CUDA; the same
+    update rule everywhere."""
+    return {"fused": True} if on_cuda else {}
 
 
 def wrap_ddp(model, ctx):
