@@ -150,7 +150,7 @@ class Trainer:
                 scheduler.step()
 
             step_total = (total + l_reg).detach()
-            if not self.scaler.is_enabled() and not self.skip_nonfinite:
+            if not self.skip_nonfinite:  # under fp16 too: a NaN loss is no overflow
                 finite_flags.append(torch.isfinite(step_total))
             epoch_loss += main.detach()
             reg = sum((term.weight * value for term, value in values if term.in_epoch_loss),

@@ -108,8 +108,11 @@ def make_optimizer(model, opts):
 
 def sgd_kernel(on_cuda, amp):
     """SGD's implementation keyword: one fused kernel for all parameters on CUDA; the same
-    update rule everywhere."""
-    return {"fused": True} if on_cuda else {}
+    update rule everywhere. Not under fp16: when the loss scaler skips the first step (an
+    overflow), the fused kernel returns before it fills the momentum buffers it allocated,
+    and every later step reads that garbage; the default kernel allocates them only on a
+    step it takes."""
+    return {"fused": True} if on_cuda and amp != "fp16" else {}
 
 
 def wrap_ddp(model, ctx):

@@ -1,0 +1,65 @@
+"""fp16 loss scaling when the scaler skips a step (an overflow): the optimiser's state and
+the penalties' importances must be exactly those of a run where the step never happened.
+The overflow is forced with a huge initial scale (fp16 autocast on the CPU overflows as on
+CUDA); the fused SGD kernel is run on the CPU, where it behaves as the CUDA one on a skipped
+first step (it allocates its momentum buffers and returns before filling them)."""
+import pytest
+import torch
+
+from engine.build import sgd_kernel
+from test_trainer_helpers import TinySegNet, batch, options
+from train import NonFiniteLossError, Trainer
+
+CPU = torch.device("cpu")
+CLASSES = 6
+
+
+def overflowing_scaler():
+    """Overflows on the first step (fp16 gradients above 65504), fits from the second."""
+    return torch.amp.GradScaler("cpu", init_scale=2.0 ** 40, backoff_factor=2.0 ** -30)
+
+
+def dirty_the_allocator(model):
+    """Freed memory full of huge values, so that buffers made with ``empty_like`` are not
+    zero by luck."""
+    junk = [torch.full_like(p, 1e18) for p in model.parameters() for _ in range(4)]
+    del junk
+
+
+def train_three_steps(kernel):
+    model = TinySegNet([CLASSES], seed=1)
+    trainer = Trainer(model, None, CPU, options(amp="fp16"), classes=[CLASSES])
+    trainer.scaler = overflowing_scaler()
+    dirty_the_allocator(model)
+    optim = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, **kernel)
+    trainer.train(0, optim, [batch(i, CLASSES) for i in range(3)])
+    return model, optim, trainer
+
+
+def test_the_sgd_kernel_of_an_fp16_run_survives_a_skipped_first_step():
+    reference, ref_optim, ref_trainer = train_three_steps({})
+    model, optim, trainer = train_three_steps(sgd_kernel(on_cuda=True, amp="fp16"))
+    assert ref_trainer.scaler_skipped_steps == trainer.scaler_skipped_steps == 1
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
+        torch.testing.assert_close(optim.state[p]["momentum_buffer"],
+                                   ref_optim.state[q]["momentum_buffer"])
+
+
+def test_fused_sgd_only_where_no_loss_scaler_can_skip_a_step():
+    assert sgd_kernel(on_cuda=True, amp="off") == {"fused": True}
+    assert sgd_kernel(on_cuda=True, amp="bf16") == {"fused": True}
+    assert sgd_kernel(on_cuda=True, amp="fp16") == {}
+    assert sgd_kernel(on_cuda=False, amp="off") == {}
+
+
+def test_a_non_finite_loss_stops_an_fp16_run_too():
+    """The loss scaler skips steps whose gradients overflow; a loss that is itself NaN is
+    not an overflow it can cure (it would skip every step and halve its scale for ever)."""
+    model = TinySegNet([CLASSES], seed=1)
+    trainer = Trainer(model, None, CPU, options(amp="fp16"), classes=[CLASSES])
+    images, labels = batch(0, CLASSES)
+    images[0, 0, 0, 0] = float("nan")
+    optim = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(NonFiniteLossError, match="not finite at epoch 0, iteration 0"):
+        trainer.train(0, optim, [(images, labels)])
