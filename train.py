@@ -5,7 +5,8 @@ The order of operations within an iteration is the original's (docs/behaviour.md
 
     old-model forward (no grad) -> target rewriting hooks -> zero grads -> forward
     -> main loss + weighted terms -> backward (gradients averaged over processes by DDP)
-    -> penalties: update after the backward, gradient added without a second all-reduce
+    -> penalties: update after the backward (not on a step the fp16 loss scaler skips),
+       gradient added without a second all-reduce
     -> optimiser step -> scheduler step
 """
 import contextlib
@@ -195,9 +196,12 @@ class Trainer:
         if not self.method.penalties:
             return []
         self.scaler.unscale_(optim)
+        # a step the loss scaler skips (inf gradients) teaches the importances nothing
+        taken = not self.scaler.is_enabled() or _all_finite(p.grad for p in params)
         found = []
         for part in self.method.penalties:
-            part.after_backward()
+            if taken:
+                part.after_backward()
             value = part.penalty()
             if torch.is_tensor(value):
                 weighted = part.weight * value
@@ -296,3 +300,9 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.skipped_batches = state.get("skipped_batches", 0)
         self.scaler_skipped_steps = state.get("scaler_skipped_steps", 0)
+
+
+def _all_finite(grads):
+    """No inf / NaN in any gradient (one host sync): what the loss scaler checks too."""
+    flags = [torch.isfinite(g).all() for g in grads if g is not None]
+    return not flags or bool(torch.stack(flags).all())

@@ -5,9 +5,10 @@ CUDA); the fused SGD kernel is run on the CPU, where it behaves as the CUDA one 
 first step (it allocates its momentum buffers and returns before filling them)."""
 import pytest
 import torch
+from test_trainer_regularizer import NEW, OLD, previous_state
 
 from engine.build import sgd_kernel
-from test_trainer_helpers import TinySegNet, batch, options
+from test_trainer_helpers import TinySegNet, batch, options, regularizer_of
 from train import NonFiniteLossError, Trainer
 
 CPU = torch.device("cpu")
@@ -63,3 +64,41 @@ def test_a_non_finite_loss_stops_an_fp16_run_too():
     optim = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(NonFiniteLossError, match="not finite at epoch 0, iteration 0"):
         trainer.train(0, optim, [(images, labels)])
+
+
+def trained_regulariser(method, batches, scaler):
+    model, model_old = TinySegNet([OLD, NEW], seed=1), TinySegNet([OLD], seed=2)
+    for p in model_old.parameters():
+        p.requires_grad_(False)
+    trainer = Trainer(model, model_old, CPU,
+                      options("--method", method, "--step", "1", "--reg_iterations", "1",
+                              amp="fp16"),
+                      trainer_state={"regularizer": previous_state(method.lower())},
+                      classes=[OLD, NEW])
+    trainer.scaler = scaler
+    trainer.train(0, torch.optim.SGD(model.parameters(), lr=0.1), batches)
+    return trainer
+
+
+@pytest.mark.parametrize("method", ["EWC", "PI", "RW"])
+def test_a_penalty_learns_nothing_from_a_step_the_scaler_skips(method):
+    """EWC's Fisher, PI's path integral and RW's score and count after [batch, overflow,
+    batch] are those after the two batches alone (the skipped step's gradients are inf;
+    before, the Fisher became inf for good and PI's delta NaN). The overflow comes as in a
+    long run: the scaler grows its scale after a good step, too far."""
+    data = [batch(i, OLD + NEW) for i in (5, 6, 7)]
+    growing = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_factor=2.0 ** 30,
+                                   backoff_factor=2.0 ** -30, growth_interval=1)
+    skipped = trained_regulariser(method, data, growing)
+    assert skipped.scaler_skipped_steps == 1
+    # the same scale (2^10) on the steps taken: the same fp16 gradients
+    reference = trained_regulariser(method, [data[0], data[2]],
+                                    torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    assert reference.scaler_skipped_steps == 0
+    got, want = (regularizer_of(t).full_state() for t in (skipped, reference))
+    assert got.keys() == want.keys()
+    for key in got:
+        if isinstance(got[key], str):
+            assert got[key] == want[key]
+        else:
+            torch.testing.assert_close(got[key], want[key], msg=lambda m, key=key: f"{key}: {m}")
