@@ -289,12 +289,24 @@ def build_checkpoint(*, epoch, model, optimizer, scheduler, best_score, trainer,
     }
 
 
+def match_parameter_layout(optimizer):
+    """Per-parameter optimiser state (momentum buffers) in its parameter's strides: loading
+    keeps the saved ones, e.g. contiguous buffers from a run without channels-last, and
+    CUDA's fused SGD kernel refuses buffers whose strides differ from the parameter's."""
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            if (torch.is_tensor(value) and value.shape == p.shape
+                    and value.stride() != p.stride()):
+                state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 def restore_checkpoint(ckpt, path, *, model, optimizer, scheduler, trainer):
     """Continue a step from its checkpoint: strict model load, optimiser, scheduler; the
     trainer state exactly when this project wrote the file (with the RNG states), else as
     the original resumes it. Returns (next epoch, best score, last validation results)."""
     load_model_state(model, ckpt["model_state"], strict=True, source=f"checkpoint {path}")
     optimizer.load_state_dict(ckpt["optimizer_state"])
+    match_parameter_layout(optimizer)
     scheduler.load_state_dict(ckpt["scheduler_state"])
     resume = ckpt.get("resume_state")
     if resume is not None:
