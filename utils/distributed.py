@@ -111,6 +111,15 @@ def broadcast_object(obj, src=0):
     return box[0]
 
 
+def all_gather_object(obj):
+    """Every process's ``obj``, in rank order, on every process."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def any_process(flag, device):
     """True on every process when ``flag`` is true on at least one (for agreed early exits)."""
     if not dist.is_initialized():
