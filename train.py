@@ -112,6 +112,7 @@ class Trainer:
         interval_loss = torch.zeros((), device=device)
         by_name = {}
         finite_flags = []
+        skipped_steps = torch.zeros((), dtype=torch.long, device=device)
         images_seen = 0
         params = [p for p in unwrap(model).parameters() if p.requires_grad]
         forward_kwargs = method.model_kwargs()
@@ -142,11 +143,11 @@ class Trainer:
             penalties = self._penalties(optim, params)
             l_reg = sum((w for _, w in penalties), 0.0)
 
-            scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+            scale_before = self._scale()
             self.scaler.step(optim)
             self.scaler.update()
-            if scale_before is not None and self.scaler.get_scale() < scale_before:
-                self.scaler_skipped_steps += 1
+            if scale_before is not None:  # a skipped step lowers the scale; counted on device
+                skipped_steps += self._scale() < scale_before
             if scheduler is not None:
                 scheduler.step()
 
@@ -176,6 +177,8 @@ class Trainer:
                     logger.add_scalar("Loss", value, x)
                 interval_loss.zero_()
         bar.close()
+        if self.scaler.is_enabled():
+            self.scaler_skipped_steps += int(skipped_steps)
 
         # epoch statistics: sum over processes into rank 0, mean per iteration
         denom = self.dist.world_size * max(n_iters, 1)
@@ -189,6 +192,13 @@ class Trainer:
         if logger is not None:
             logger.info(f"Epoch {cur_epoch}, Class Loss={result.main}, Reg Loss={result.reg}")
         return result
+
+    def _scale(self):
+        """A copy of the fp16 loss scale on the device (None without the scaler): no host
+        sync per iteration, where ``get_scale()`` would make two."""
+        if not self.scaler.is_enabled():
+            return None
+        return self.scaler._get_scale_async().clone()
 
     def _penalties(self, optim, params):
         """Update every penalty after the task backward (true, unscaled gradients), then

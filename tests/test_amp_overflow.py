@@ -102,3 +102,19 @@ def test_a_penalty_learns_nothing_from_a_step_the_scaler_skips(method):
             assert got[key] == want[key]
         else:
             torch.testing.assert_close(got[key], want[key], msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_counting_skipped_steps_reads_no_scale_on_the_host(monkeypatch):
+    """``get_scale()`` is a device-to-host copy (a sync on CUDA); the skipped steps are
+    counted on the device and read once per epoch."""
+    model = TinySegNet([CLASSES], seed=1)
+    trainer = Trainer(model, None, CPU, options(amp="fp16"), classes=[CLASSES])
+    trainer.scaler = overflowing_scaler()
+
+    def no_host_read(*args):
+        raise AssertionError("get_scale() called during the epoch")
+
+    monkeypatch.setattr(trainer.scaler, "get_scale", no_host_read)
+    trainer.train(0, torch.optim.SGD(model.parameters(), lr=0.1),
+                  [batch(i, CLASSES) for i in range(3)])
+    assert trainer.scaler_skipped_steps == 1
