@@ -11,7 +11,12 @@ suite). It drives the project as a user does, through ``run.py`` under ``torchru
 ``bench/run_all.py`` in subprocesses, and reads their records (``events.jsonl``, the result
 files, the benchmark JSON), never their logs.
 
-Parts, in order of priority (``--list`` shows the limits):
+Parts, in order of priority (``--list`` shows the limits and the worst-case timetable):
+  gpu-path     a few seconds of forced, deterministic checks (bench/gpu_path_probe.py): an
+               fp16 overflow on the first step with the optimiser picked for fp16, a penalty
+               update on a skipped step, a contiguous checkpoint resumed into channels-last
+               and stepped with the device's SGD kernel, CUDA RNG states of more GPUs than
+               are visible
   env          GPU, driver, torch / CUDA / cuDNN / NCCL versions, cores; one all_reduce on
                the backend of the mode (nccl on CUDA, gloo on the CPU)
   bundle       the wheels of ``device_bundle/`` (``make device-bundle``: tensorboardX and the
@@ -30,6 +35,8 @@ Parts, in order of priority (``--list`` shows the limits):
                bit-deterministic, so there only the continuation and the finish are checked)
   norm         the compiled inplace_abn layers against the pure-PyTorch ones: forward,
                input / weight / bias gradients, running statistics, per dtype
+  e2e-iabn     the e2e run (first precision) with ``--norm_impl inplace_abn`` and the build
+               on the path, as ``auto`` trains on CUDA where the package is installed
   bench-*      the figures, by bench/run_all.py: training images/s, peak memory and MFU at
                the largest batch that fits and at the paper's 12 per GPU, the step-1 cost of
                every method against FT, evaluation, the input pipeline with 8 and 16
@@ -37,10 +44,11 @@ Parts, in order of priority (``--list`` shows the limits):
 
 The e2e and resume parts run at the same time (they only prove correctness); on the GPU the
 figures are taken one after the other, alone. Every part has a time limit (its subprocesses
-are killed when it passes) and the whole run a budget: a part starts with what is left of it,
-and parts that no longer fit are skipped and named in a rerun command. After every part the
-report is rewritten under OUT: ``device_check.json``, ``device_check.txt`` (one line per
-check and per figure) and, at the end, ``device_check-logs.tar.gz`` with every subprocess's
+are killed when it passes) and the whole run a budget: a part starts only when what is left
+of the budget covers its whole limit, and parts that do not fit are skipped and named in a
+rerun command. As soon as a part ends the report is rewritten under OUT:
+``device_check.json``, ``device_check.txt`` (one line per check and per figure) and, at the
+end, ``device_check-logs.tar.gz`` with every subprocess's
 output. The exit code is 1 when any correctness check failed or could not run.
 """
 import argparse
@@ -73,7 +81,6 @@ TASK_NAME = f"{TASK}-{DATASET}"
 METHODS = "FT,LWF,ILT,LWF-MC,MiB,EWC,PI,RW,PLOP"  # every method of bench/bench_train.py
 JSON_NAME, TEXT_NAME, LOGS_NAME = "device_check.json", "device_check.txt", \
     "device_check-logs.tar.gz"
-MIN_PART_S = 10  # a part that would get less than this is skipped
 TAIL_CHARS = 3000
 
 CHECK, BUILD, FIGURES = "check", "build", "figures"
@@ -119,14 +126,28 @@ class Config:
     cuda_arch: str = "9.0"
 
 
+def batch_ladder(gpu_gib, gib_per_image, headroom=0.8):
+    """Training batches to try, from a memory estimate: the largest that should fit in
+    ``headroom`` of the GPU, and a half and a quarter of it (multiples of 8), so no try is
+    a forward that cannot fit. ResNet-101 OS16 at 512 px saves about 0.8 GiB of activations
+    per image in fp32 (less under bf16/fp16: the fp32 estimate bounds every precision)."""
+    top = int(headroom * gpu_gib / gib_per_image) // 8 * 8
+    return ",".join(str(b) for b in sorted({max(top // 4 // 8 * 8, 8), max(top // 2 // 8 * 8, 8),
+                                            max(top, 8)}))
+
+
 GPU = Config(
     mode="cuda", device="cuda", backend="nccl", backbone="resnet101", crop=512, batch=8,
     n_train=48, n_val=16, image_size=512, workers=2, threads=4,
     precisions=("fp16", "bf16"), resume_precision="fp16", exact_resume=False, iabn="build",
-    build_jobs=8, budget_s=420,
+    # the checks' worst case (90 + 300 + 90 s): every check starts; figures when time is left
+    build_jobs=8, budget_s=480,
     bench_args=("--device", "cuda", "--iters", "5", "--warmup", "2"),
-    bench_batches="64,96,128", paper_batch=12, bench_precisions="fp32,bf16,fp16",
-    methods_precision="bf16", eval_precisions="fp32,bf16", iabn_precisions="bf16",
+    bench_batches=batch_ladder(gpu_gib=78, gib_per_image=0.8), paper_batch=12,
+    bench_precisions="fp32,bf16,fp16",
+    # the compiled norm in both half precisions: under bf16 the package's wrapper works in
+    # fp32 (its kernels take fp16 only), so bf16 alone hides its memory saving
+    methods_precision="bf16", eval_precisions="fp32,bf16", iabn_precisions="bf16,fp16",
     # 40 loader batches of 12: several rounds of 16 workers' prefetching
     data_workers=(8, 16), data_images=480)
 
@@ -201,6 +222,7 @@ def bench_specs(cfg):
 def plan(cfg):
     """The parts in order of priority: correctness first, then the figures."""
     parts = [
+        Part("gpu-path", CHECK, 60, part_gpu_path, group="setup"),
         Part("env", CHECK, 60, part_env, group="setup"),
         Part("bundle", CHECK, 90, part_bundle, group="setup"),
         Part("data", CHECK, 90, part_data, group="setup"),
@@ -212,6 +234,9 @@ def plan(cfg):
     parts.append(Part("resume", CHECK, 300, part_resume, needs=("bundle", "data"),
                       group="runs"))
     parts.append(Part("norm", CHECK, 90, part_norm, needs=("bundle", "iabn-build")))
+    parts.append(Part("e2e-iabn", CHECK, 240, functools.partial(
+        part_e2e, precision=cfg.precisions[0], package=True),
+        needs=("bundle", "data", "iabn-build")))
     parts += [Part(s.name, FIGURES, s.limit_s, functools.partial(part_bench, spec=s),
                    needs=("bundle", *s.needs), group=None if cfg.figures_alone else "figures")
               for s in bench_specs(cfg)]
@@ -376,6 +401,7 @@ class Context:
         self._live = set()
         self._log_names = set()
         self._lock = threading.Lock()
+        self.report_lock = threading.Lock()
         self.stopping = False
 
     # time
@@ -569,6 +595,16 @@ def install_wheels(ctx, wheels, deadline):
              ctx.site, *wheels], "bundle-install", deadline, "pip install of the bundle")
 
 
+def part_gpu_path(ctx, deadline, out):
+    """The forced, deterministic checks of bench/gpu_path_probe.py (a few seconds)."""
+    found = ctx.probe("gpu-path", deadline)
+    for c in found["checks"]:
+        if c["passed"] is None:   # does not apply here (no CUDA in the dry run)
+            out.figure(c["name"], f"{c['name']}: not run: {c['detail']}")
+        else:
+            out.check(c["name"], c["passed"], f"{c['detail']} ({c['seconds']:.1f} s)")
+
+
 def part_bundle(ctx, deadline, out):
     wheels, _ = find_bundle(ctx.bundle)
     if wheels:
@@ -680,11 +716,19 @@ def check_trained(ctx, events, results, precision):
     return results
 
 
-def part_e2e(ctx, deadline, out, precision):
-    name = f"MiB-{precision}"
+def part_e2e(ctx, deadline, out, precision, package=False):
+    """Steps 0 and 1 through torchrun, then ``--test`` of step 1; ``package``: with the
+    compiled In-Place ABN layers (``--norm_impl inplace_abn``, the build on the path), as
+    ``auto`` picks them on CUDA wherever the package is installed."""
+    name = f"MiB-{precision}" + ("-iabn" if package else "")
     lane = lane_dir(ctx, name)
-    args = run_args(ctx, name, precision, "0,1")
-    ctx.run([*ctx.torchrun(), *args], f"{name}-train", deadline, "run.py --step 0,1", cwd=lane)
+    impl = ["--norm_impl", "inplace_abn"] if package else []
+    env = ctx.env(ctx.iabn_path) if package and ctx.iabn_path else None
+    if package and ctx.iabn_path is None and ctx.cfg.iabn != "installed":
+        raise PartSkipped("no inplace-abn build on the path")
+    args = [*run_args(ctx, name, precision, "0,1"), *impl]
+    ctx.run([*ctx.torchrun(), *args], f"{name}-train", deadline, "run.py --step 0,1", cwd=lane,
+            env=env)
     events = read_events(os.path.join(run_dir(lane, name), "events.jsonl"))
     trained = check_trained(ctx, events, {s: read_result(lane, name, s) for s in (0, 1)},
                               precision)
@@ -702,8 +746,10 @@ def part_e2e(ctx, deadline, out, precision):
                    images_per_s=record.get("images_per_s"),
                    peak_mib=record.get("peak_memory_mib"))
     # step 1: a fresh model from the step's checkpoint, with the classifiers of both steps
-    ctx.run([*ctx.torchrun(), *run_args(ctx, name, precision, "1"), "--test"],
-            f"{name}-test", deadline, "run.py --step 1 --test", cwd=lane)
+    if package and opts.get("norm_impl") != "inplace_abn":
+        raise PartFailed(f"the run used norm_impl {opts.get('norm_impl')}, not inplace_abn")
+    ctx.run([*ctx.torchrun(), *run_args(ctx, name, precision, "1"), *impl, "--test"],
+            f"{name}-test", deadline, "run.py --step 1 --test", cwd=lane, env=env)
     diffs = compare_results(trained[1], read_result(lane, name, 1))
     out.check("test-exact", not diffs, "--test of step 1 reproduces its class_iou, mean_iou "
               "and image count exactly" if not diffs else
@@ -946,8 +992,8 @@ def execute(ctx, part):
         return part_record(part, "skip", outcome, 0, 0, f"needs {', '.join(unmet)}",
                            blocking=blocking)
     left = ctx.budget_left()
-    limit = min(part.limit_s, left)
-    if limit < MIN_PART_S:
+    limit = part.limit_s
+    if left < limit:   # a part starts only when what is left covers its whole limit
         return part_record(part, "skip", outcome, 0, 0, f"out of budget ({left:.0f} s left, "
                            f"the part may take up to {part.limit_s} s)", blocking=True)
     progress(ctx, f"{part.name}: starts with a limit of {limit:.0f} s; {left:.0f} s of the "
@@ -974,6 +1020,16 @@ def execute(ctx, part):
     return record
 
 
+def execute_and_report(ctx, part, parts):
+    """One part, and the report rewritten as soon as its figures exist (a later part that
+    is killed, or a call that runs out of device time, leaves them on disk)."""
+    record = execute(ctx, part)
+    with ctx.report_lock:
+        ctx.results[record["name"]] = record
+        write_report(ctx, parts)
+    return record
+
+
 def run_plan(ctx, parts):
     """Every batch in order (the parts of one in threads); background parts run beside
     the later batches until a part that needs them starts. The report is rewritten after
@@ -988,11 +1044,9 @@ def run_plan(ctx, parts):
                 continue
             for name in sorted({n for p in batch for n in p.needs} & set(background)):
                 ctx.results[name] = background.pop(name).result()
-            futures = [pool.submit(execute, ctx, p) for p in batch]
+            futures = [pool.submit(execute_and_report, ctx, p, parts) for p in batch]
             for future in futures:
-                record = future.result()
-                ctx.results[record["name"]] = record
-            write_report(ctx, parts)
+                future.result()
         for name, future in background.items():
             ctx.results[name] = future.result()
     except BaseException:
@@ -1249,7 +1303,13 @@ def probe_norm(args):
     return {"device": device, "cases": cases}
 
 
-PROBES = {"env": probe_env, "imports": probe_imports, "norm": probe_norm}
+def probe_gpu_path(args):
+    from gpu_path_probe import probe_gpu_path as probe
+    return probe(args)
+
+
+PROBES = {"env": probe_env, "imports": probe_imports, "norm": probe_norm,
+          "gpu-path": probe_gpu_path}
 
 
 # --- the bundle (make device-bundle) ----------------------------------------------------------
@@ -1318,6 +1378,29 @@ def config_from(args):
     return dataclasses.replace(cfg, **changes)
 
 
+def time_plan(cfg, parts):
+    """Worst-case timetable from the limits: each batch starts when the one before has
+    used its whole limit (a background part overlaps the batches after it); a part starts
+    only when the budget left covers its limit. Lines of text and the parts that would
+    not start in the worst case."""
+    lines, clock, late = [], 0, []
+    for batch in batches(parts):
+        limit = max(p.limit_s for p in batch)
+        fits = [p.name for p in batch if cfg.budget_s - clock >= p.limit_s]
+        late += [p.name for p in batch if p.name not in fits]
+        names = ", ".join(p.name for p in batch)
+        if batch[0].background:
+            lines.append(f"  {clock:4d} s  {names} (background, up to {limit} s)")
+            continue
+        lines.append(f"  {clock:4d} s  {names} (up to {limit} s)"
+                     + ("" if len(fits) == len(batch) else "  <- not started in the worst "
+                        "case: budget"))
+        clock += limit if fits else 0
+    lines.append(f"  worst case {clock} s of a {cfg.budget_s} s budget; parts start as soon "
+                 "as the ones before finish, so most start earlier")
+    return lines, late
+
+
 def print_plan(cfg, parts):
     print(f"plan ({cfg.mode}, budget {cfg.budget_s} s):")
     for p in parts:
@@ -1325,6 +1408,8 @@ def print_plan(cfg, parts):
                                                             else "")
         needs = f", needs {', '.join(p.needs)}" if p.needs else ""
         print(f"  {p.name:15} {p.kind:8} limit {p.limit_s:4d} s{extra}{needs}")
+    print("time plan (start by, worst case):")
+    print("\n".join(time_plan(cfg, parts)[0]))
 
 
 def run_check(cfg, parts, out, work, bundle, argv):
@@ -1339,6 +1424,7 @@ def run_check(cfg, parts, out, work, bundle, argv):
     finished = False
     try:
         progress(ctx, f"{cfg.mode}: {len(parts)} parts, budget {cfg.budget_s} s, work {work}")
+        print_plan(cfg, parts)
         run_plan(ctx, parts)
         finished = True
     finally:
