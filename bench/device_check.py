@@ -123,7 +123,8 @@ from device_check_report import (  # noqa: F401
 def plan(cfg):
     """The parts in order of priority: correctness first, then the figures."""
     parts = [
-        Part("gpu-path", CHECK, 60, part_gpu_path, group="setup"),
+        # a few seconds of work; the imports take longer on a busy 2-core CI machine
+        Part("gpu-path", CHECK, 90, part_gpu_path, group="setup"),
         Part("env", CHECK, 60, part_env, group="setup"),
         Part("bundle", CHECK, 90, part_bundle, group="setup"),
         Part("data", CHECK, 90, part_data, group="setup"),
