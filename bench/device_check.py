@@ -466,8 +466,8 @@ def part_gpu_path(ctx, deadline, out):
     """The forced, deterministic checks of bench/gpu_path_probe.py (a few seconds)."""
     found = ctx.probe("gpu-path", deadline)
     for c in found["checks"]:
-        if c["passed"] is None:   # does not apply here (no CUDA in the dry run)
-            out.figure(c["name"], f"{c['name']}: not run: {c['detail']}")
+        if c["passed"] is None:   # a figure, or not for this device (no CUDA in a dry run)
+            out.figure(c["name"], f"{c['name']}: {c['detail']}")
         else:
             out.check(c["name"], c["passed"], f"{c['detail']} ({c['seconds']:.1f} s)")
 

@@ -12,6 +12,7 @@ for, on the device of the check (the same code in the CPU dry run):
                   engine.build picks on this device (fused SGD on CUDA refuses mixed strides)
   rng-fewer-gpus  CUDA RNG states of one GPU more than are visible, restored: a warning, no
                   IndexError (CUDA only; the unit tests mock it on the CPU)
+  fp16-syncs      a figure: host syncs per fp16 training iteration (CUDA's sync debug mode)
 
 Returns ``{"device": ..., "checks": [{"name", "passed", "detail"}]}``."""
 import logging
@@ -171,8 +172,34 @@ def check_rng_fewer_gpus(torch, device):
                            f"{'a warning' if warned else 'NO warning'}")
 
 
+def count_syncs(torch, device):
+    """Host syncs per fp16 training iteration (CUDA's sync debug mode warns at each): a
+    figure, not a check (the loss scaler's get_scale() made two per iteration before)."""
+    if device.type != "cuda":
+        return None, "no CUDA here"
+    import warnings
+
+    from train import Trainer
+    model = _tiny_net(torch, [6], seed=1).to(device)
+    trainer = Trainer(model, None, device, _options(amp="fp16"), classes=[6])
+    optim = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = [_batch(torch, i, 6, device) for i in range(10)]
+    trainer.train(0, optim, data[:2])                 # warm-up: allocations, cuDNN choice
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.train(1, optim, data)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    return None, (f"{syncs} host syncs in an fp16 epoch of {len(data)} iterations "
+                  f"({syncs / len(data):.1f} per iteration, the epoch's end included)")
+
+
 CHECKS = {"fp16-overflow": check_fp16_overflow, "penalty-skip": check_penalty_skip,
-          "resume-strides": check_resume_strides, "rng-fewer-gpus": check_rng_fewer_gpus}
+          "resume-strides": check_resume_strides, "rng-fewer-gpus": check_rng_fewer_gpus,
+          "fp16-syncs": count_syncs}
 
 
 def probe_gpu_path(args):
