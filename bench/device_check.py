@@ -12,8 +12,8 @@ suite). It drives the project as a user does, through ``run.py`` under ``torchru
 files, the benchmark JSON), never their logs.
 
 Parts, in order of priority (``--list`` shows the limits and the worst-case timetable):
-  gpu-path     a few seconds of forced, deterministic checks (bench/gpu_path_probe.py): an
-               fp16 overflow on the first step with the optimiser picked for fp16, a penalty
+  gpu-path     a few seconds of forced, deterministic checks (device_check_gpu_path.py):
+               an fp16 overflow on the first step with the optimiser picked for fp16, a penalty
                update on a skipped step, a contiguous checkpoint resumed into channels-last
                and stepped with the device's SGD kernel, CUDA RNG states of more GPUs than
                are visible
@@ -463,7 +463,7 @@ def install_wheels(ctx, wheels, deadline):
 
 
 def part_gpu_path(ctx, deadline, out):
-    """The forced, deterministic checks of bench/gpu_path_probe.py (a few seconds)."""
+    """The forced, deterministic checks of bench/device_check_gpu_path.py (a few seconds)."""
     found = ctx.probe("gpu-path", deadline)
     for c in found["checks"]:
         if c["passed"] is None:   # a figure, or not for this device (no CUDA in a dry run)

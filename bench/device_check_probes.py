@@ -160,7 +160,7 @@ def probe_norm(args):
 
 
 def probe_gpu_path(args):
-    from gpu_path_probe import probe_gpu_path as probe
+    from device_check_gpu_path import probe_gpu_path as probe
     return probe(args)
 
 
