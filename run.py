@@ -35,7 +35,10 @@ def main(argv=None):
         opts = argparser.parse_options(argv)
     except argparser.OptionError as e:
         argparser.main_error(str(e))
-    ctx = distributed.setup(opts.device, opts.local_rank)
+    try:
+        ctx = distributed.setup(opts.device, opts.local_rank)
+    except UserError as e:
+        argparser.main_error(str(e))
     try:
         argparser.resolve_runtime_options(opts, ctx.device)
         if ctx.device.type == "cuda":

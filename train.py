@@ -5,7 +5,8 @@ The order of operations within an iteration is the original's (docs/behaviour.md
 
     old-model forward (no grad) -> target rewriting hooks -> zero grads -> forward
     -> main loss + weighted terms -> backward (gradients averaged over processes by DDP)
-    -> penalties: update after the backward, gradient added without a second all-reduce
+    -> penalties: update after the backward (not on a step the fp16 loss scaler skips),
+       gradient added without a second all-reduce
     -> optimiser step -> scheduler step
 """
 import contextlib
@@ -111,6 +112,7 @@ class Trainer:
         interval_loss = torch.zeros((), device=device)
         by_name = {}
         finite_flags = []
+        skipped_steps = torch.zeros((), dtype=torch.long, device=device)
         images_seen = 0
         params = [p for p in unwrap(model).parameters() if p.requires_grad]
         forward_kwargs = method.model_kwargs()
@@ -141,16 +143,16 @@ class Trainer:
             penalties = self._penalties(optim, params)
             l_reg = sum((w for _, w in penalties), 0.0)
 
-            scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+            scale_before = self._scale()
             self.scaler.step(optim)
             self.scaler.update()
-            if scale_before is not None and self.scaler.get_scale() < scale_before:
-                self.scaler_skipped_steps += 1
+            if scale_before is not None:  # a skipped step lowers the scale; counted on device
+                skipped_steps += self._scale() < scale_before
             if scheduler is not None:
                 scheduler.step()
 
             step_total = (total + l_reg).detach()
-            if not self.scaler.is_enabled() and not self.skip_nonfinite:
+            if not self.skip_nonfinite:  # under fp16 too: a NaN loss is no overflow
                 finite_flags.append(torch.isfinite(step_total))
             epoch_loss += main.detach()
             reg = sum((term.weight * value for term, value in values if term.in_epoch_loss),
@@ -175,6 +177,8 @@ class Trainer:
                     logger.add_scalar("Loss", value, x)
                 interval_loss.zero_()
         bar.close()
+        if self.scaler.is_enabled():
+            self.scaler_skipped_steps += int(skipped_steps)
 
         # epoch statistics: sum over processes into rank 0, mean per iteration
         denom = self.dist.world_size * max(n_iters, 1)
@@ -189,15 +193,25 @@ class Trainer:
             logger.info(f"Epoch {cur_epoch}, Class Loss={result.main}, Reg Loss={result.reg}")
         return result
 
+    def _scale(self):
+        """A copy of the fp16 loss scale on the device (None without the scaler): no host
+        sync per iteration, where ``get_scale()`` would make two."""
+        if not self.scaler.is_enabled():
+            return None
+        return self.scaler._get_scale_async().clone()
+
     def _penalties(self, optim, params):
         """Update every penalty after the task backward (true, unscaled gradients), then
         add the gradient of its weighted value. Returns [(penalty, weighted value)]."""
         if not self.method.penalties:
             return []
         self.scaler.unscale_(optim)
+        # a step the loss scaler skips (inf gradients) teaches the importances nothing
+        taken = not self.scaler.is_enabled() or _all_finite(p.grad for p in params)
         found = []
         for part in self.method.penalties:
-            part.after_backward()
+            if taken:
+                part.after_backward()
             value = part.penalty()
             if torch.is_tensor(value):
                 weighted = part.weight * value
@@ -296,3 +310,9 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.skipped_batches = state.get("skipped_batches", 0)
         self.scaler_skipped_steps = state.get("scaler_skipped_steps", 0)
+
+
+def _all_finite(grads):
+    """No inf / NaN in any gradient (one host sync): what the loss scaler checks too."""
+    flags = [torch.isfinite(g).all() for g in grads if g is not None]
+    return not flags or bool(torch.stack(flags).all())

@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 from common import DTYPES  # noqa: E402,F401  (kept importable from here)
+from engine.build import sgd_kernel  # noqa: E402
 from modules.norm import inplace_abn_available  # noqa: E402
 from segmentation_module import make_model  # noqa: E402
 
@@ -109,10 +110,9 @@ def measure_iteration(*, arch="ours", backbone="resnet101", output_stride=16,
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = build_network(arch, backbone, output_stride, norm_act, impl, classes)
     model = model.to(device, memory_format=memory_format).train()
-    # run.make_optimizer's update rule; fused on CUDA as there
-    fused = {"fused": True} if device.type == "cuda" else {}
+    # engine.build.make_optimizer's update rule and kernel
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
-                                weight_decay=1e-4, **fused)
+                                weight_decay=1e-4, **sgd_kernel(device.type == "cuda", precision))
     dtype = DTYPES[precision]
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 

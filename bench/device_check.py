@@ -11,7 +11,12 @@ suite). It drives the project as a user does, through ``run.py`` under ``torchru
 ``bench/run_all.py`` in subprocesses, and reads their records (``events.jsonl``, the result
 files, the benchmark JSON), never their logs.
 
-Parts, in order of priority (``--list`` shows the limits):
+Parts, in order of priority (``--list`` shows the limits and the worst-case timetable):
+  gpu-path     a few seconds of forced, deterministic checks (device_check_gpu_path.py):
+               an fp16 overflow on the first step with the optimiser picked for fp16, a penalty
+               update on a skipped step, a contiguous checkpoint resumed into channels-last
+               and stepped with the device's SGD kernel, CUDA RNG states of more GPUs than
+               are visible
   env          GPU, driver, torch / CUDA / cuDNN / NCCL versions, cores; one all_reduce on
                the backend of the mode (nccl on CUDA, gloo on the CPU)
   bundle       the wheels of ``device_bundle/`` (``make device-bundle``: tensorboardX and the
@@ -30,6 +35,8 @@ Parts, in order of priority (``--list`` shows the limits):
                bit-deterministic, so there only the continuation and the finish are checked)
   norm         the compiled inplace_abn layers against the pure-PyTorch ones: forward,
                input / weight / bias gradients, running statistics, per dtype
+  e2e-iabn     the e2e run (first precision) with ``--norm_impl inplace_abn`` and the build
+               on the path, as ``auto`` trains on CUDA where the package is installed
   bench-*      the figures, by bench/run_all.py: training images/s, peak memory and MFU at
                the largest batch that fits and at the paper's 12 per GPU, the step-1 cost of
                every method against FT, evaluation, the input pipeline with 8 and 16
@@ -37,170 +44,87 @@ Parts, in order of priority (``--list`` shows the limits):
 
 The e2e and resume parts run at the same time (they only prove correctness); on the GPU the
 figures are taken one after the other, alone. Every part has a time limit (its subprocesses
-are killed when it passes) and the whole run a budget: a part starts with what is left of it,
-and parts that no longer fit are skipped and named in a rerun command. After every part the
-report is rewritten under OUT: ``device_check.json``, ``device_check.txt`` (one line per
-check and per figure) and, at the end, ``device_check-logs.tar.gz`` with every subprocess's
+are killed when it passes) and the whole run a budget: a part starts only when what is left
+of the budget covers its whole limit, and parts that do not fit are skipped and named in a
+rerun command. As soon as a part ends the report is rewritten under OUT:
+``device_check.json``, ``device_check.txt`` (one line per check and per figure) and, at the
+end, ``device_check-logs.tar.gz`` with every subprocess's
 output. The exit code is 1 when any correctness check failed or could not run.
 """
 import argparse
 import dataclasses
 import functools
 import glob
-import io
 import json
 import os
-import platform
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUNDLE_DIR = os.path.join(ROOT, "device_bundle")
-BUNDLE_LIMIT_MIB = 20
-BUNDLE_MODULES = ("tensorboardX",)  # what run.py needs that the GPU machine lacks
-SDIST_PATTERN = "inplace[-_]abn-*.tar.gz"
-TASK, DATASET = "15-5", "voc"
-TASK_NAME = f"{TASK}-{DATASET}"
-METHODS = "FT,LWF,ILT,LWF-MC,MiB,EWC,PI,RW,PLOP"  # every method of bench/bench_train.py
-JSON_NAME, TEXT_NAME, LOGS_NAME = "device_check.json", "device_check.txt", \
-    "device_check-logs.tar.gz"
-MIN_PART_S = 10  # a part that would get less than this is skipped
-TAIL_CHARS = 3000
-
-CHECK, BUILD, FIGURES = "check", "build", "figures"
-# worst relative error ||compiled - torch|| / ||torch|| allowed per dtype
-NORM_TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
-TARGETS = {"bf16_images_per_s": 250.0, "mib_vs_ft": 1.3, "loader_headroom": 2.0}
-
-
-# --- configuration: the real run and the dry run ---------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Everything that differs between the GPU run and the CPU dry run; the parts are the
-    same code for both."""
-    mode: str
-    device: str
-    backend: str
-    backbone: str
-    crop: int
-    batch: int
-    n_train: int
-    n_val: int
-    image_size: int
-    workers: int
-    threads: int
-    precisions: tuple
-    resume_precision: str
-    exact_resume: bool
-    iabn: str                 # build: from the bundle's source archive; installed: as found
-    build_jobs: int
-    budget_s: int
-    bench_args: tuple
-    bench_batches: str
-    paper_batch: int
-    bench_precisions: str
-    methods_precision: str
-    eval_precisions: str
-    iabn_precisions: str
-    data_workers: tuple
-    data_images: int
-    compile_env: tuple = ()
-    figures_alone: bool = True  # False: the figures parts run at the same time
-    cuda_arch: str = "9.0"
-
-
-GPU = Config(
-    mode="cuda", device="cuda", backend="nccl", backbone="resnet101", crop=512, batch=8,
-    n_train=48, n_val=16, image_size=512, workers=2, threads=4,
-    precisions=("fp16", "bf16"), resume_precision="fp16", exact_resume=False, iabn="build",
-    build_jobs=8, budget_s=420,
-    bench_args=("--device", "cuda", "--iters", "5", "--warmup", "2"),
-    bench_batches="64,96,128", paper_batch=12, bench_precisions="fp32,bf16,fp16",
-    methods_precision="bf16", eval_precisions="fp32,bf16", iabn_precisions="bf16",
-    # 40 loader batches of 12: several rounds of 16 workers' prefetching
-    data_workers=(8, 16), data_images=480)
-
-DRY_RUN = Config(
-    mode="cpu-dry-run", device="cpu", backend="gloo", backbone="resnet18", crop=64, batch=4,
-    n_train=20, n_val=10, image_size=64, workers=0, threads=1,
-    precisions=("fp32", "bf16"), resume_precision="fp32", exact_resume=True, iabn="installed",
-    build_jobs=2, budget_s=900,
-    bench_args=("--device", "cpu", "--quick", "--threads", "1", "--no-isolate",
-                "--size", "64"),
-    # bf16 is emulated on most CPUs (10x slower): the e2e and norm parts cover it here
-    bench_batches="2,4", paper_batch=2, bench_precisions="fp32",
-    methods_precision="fp32", eval_precisions="fp32", iabn_precisions="fp32",
-    data_workers=(1, 2), data_images=8,
-    # inductor takes 80+ s for this network on a 2-core CPU: the dry run proves the plumbing
-    compile_env=(("TORCHDYNAMO_DISABLE", "1"),),
-    # toy figures mean nothing, so they need not be taken alone: half the time on 2 cores
-    figures_alone=False)
-
-
-# --- the plan ---------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Part:
-    """One piece of the check. ``run(ctx, deadline, outcome)`` records checks and figures;
-    parts of one ``group`` run at the same time; a ``background`` part runs beside the
-    following ones until a part that needs it starts."""
-    name: str
-    kind: str
-    limit_s: int
-    run: object
-    needs: tuple = ()
-    group: str = None
-    background: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class BenchSpec:
-    """One figures part: bench/run_all.py once per argument list in ``invocations``."""
-    name: str
-    limit_s: int
-    invocations: tuple
-    needs: tuple = ()
-    env: tuple = ()
-    iabn: bool = False
-
-
-def bench_specs(cfg):
-    common = (*cfg.bench_args, "--norm_impl", "torch")
-    paper = str(cfg.paper_batch)
-    train = ("--only", "train", "--precisions", cfg.bench_precisions)
-    methods = ("--methods-batch", paper, "--methods-precision", cfg.methods_precision)
-    return [
-        BenchSpec("bench-train", 240, ((*common, *train, "--batches", cfg.bench_batches),)),
-        BenchSpec("bench-methods", 180, ((*common, "--only", "methods,eval", "--no-isolate",
-                                          "--methods", METHODS, *methods, "--eval-batch",
-                                          paper, "--eval-precisions", cfg.eval_precisions),)),
-        BenchSpec("bench-data", 150, tuple(
-            (*common, "--only", "data", "--workers", str(w), "--methods-batch", paper,
-             "--data-images", str(cfg.data_images)) for w in cfg.data_workers)),
-        BenchSpec("bench-train-12", 150, ((*common, *train, "--batches", paper),)),
-        BenchSpec("bench-compile", 240, ((*common, "--only", "methods", "--methods", "FT",
-                                          "--compile", *methods),),
-                  env=cfg.compile_env),
-        BenchSpec("bench-iabn", 150, ((*cfg.bench_args, "--norm_impl", "inplace_abn", "--only",
-                                       "train", "--precisions", cfg.iabn_precisions,
-                                       "--batches", cfg.bench_batches),),
-                  needs=("norm",), iabn=True),
-    ]
+# the planner, the report and the probes live in modules of their own; their names are
+# re-exported here (the tests and the docs use device_check.X)
+from device_check_plan import (  # noqa: F401
+    BUILD,
+    BUNDLE_DIR,
+    BUNDLE_LIMIT_MIB,
+    BUNDLE_MODULES,
+    CHECK,
+    DATASET,
+    DRY_RUN,
+    FIGURES,
+    GPU,
+    JSON_NAME,
+    LOGS_NAME,
+    METHODS,
+    NORM_TOLERANCE,
+    ROOT,
+    SDIST_PATTERN,
+    TAIL_CHARS,
+    TARGETS,
+    TASK,
+    TASK_NAME,
+    TEXT_NAME,
+    BenchSpec,
+    Config,
+    Part,
+    batch_ladder,
+    batches,
+    bench_specs,
+    print_plan,
+    select,
+    time_plan,
+)
+from device_check_probes import PROBES
+from device_check_report import (  # noqa: F401
+    STATUS_TAG,
+    _atomic_write,
+    all_rows,
+    comparisons,
+    document,
+    mib_text,
+    percent,
+    rerun_names,
+    row_text,
+    summary_lines,
+    targets,
+    verdict,
+    write_logs,
+    write_report,
+)
 
 
 def plan(cfg):
     """The parts in order of priority: correctness first, then the figures."""
     parts = [
+        # a few seconds of work; the imports take longer on a busy 2-core CI machine
+        Part("gpu-path", CHECK, 90, part_gpu_path, group="setup"),
         Part("env", CHECK, 60, part_env, group="setup"),
         Part("bundle", CHECK, 90, part_bundle, group="setup"),
         Part("data", CHECK, 90, part_data, group="setup"),
@@ -212,37 +136,13 @@ def plan(cfg):
     parts.append(Part("resume", CHECK, 300, part_resume, needs=("bundle", "data"),
                       group="runs"))
     parts.append(Part("norm", CHECK, 90, part_norm, needs=("bundle", "iabn-build")))
+    parts.append(Part("e2e-iabn", CHECK, 240, functools.partial(
+        part_e2e, precision=cfg.precisions[0], package=True),
+        needs=("bundle", "data", "iabn-build")))
     parts += [Part(s.name, FIGURES, s.limit_s, functools.partial(part_bench, spec=s),
                    needs=("bundle", *s.needs), group=None if cfg.figures_alone else "figures")
               for s in bench_specs(cfg)]
     return parts
-
-
-def select(parts, names):
-    """The parts named, with every part they need (transitively), in plan order."""
-    by_name = {p.name: p for p in parts}
-    unknown = [n for n in names if n not in by_name]
-    if unknown:
-        raise SystemExit(f"error: unknown part '{unknown[0]}'; the parts are "
-                         f"{', '.join(by_name)}")
-    wanted, todo = set(), list(names)
-    while todo:
-        name = todo.pop()
-        if name not in wanted:
-            wanted.add(name)
-            todo += by_name[name].needs
-    return [p for p in parts if p.name in wanted]
-
-
-def batches(parts):
-    """Consecutive parts of one group run together; every other part runs alone."""
-    out = []
-    for p in parts:
-        if out and p.group and out[-1][0].group == p.group:
-            out[-1].append(p)
-        else:
-            out.append([p])
-    return out
 
 
 # --- outcomes of parts ------------------------------------------------------------------------
@@ -376,6 +276,7 @@ class Context:
         self._live = set()
         self._log_names = set()
         self._lock = threading.Lock()
+        self.report_lock = threading.Lock()
         self.stopping = False
 
     # time
@@ -521,14 +422,6 @@ def compare_results(a, b):
     return diffs
 
 
-def percent(value):
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
-def mib_text(mib):
-    return "-" if mib is None else (f"{mib / 1024:.1f} GiB" if mib >= 1024 else f"{mib:.0f} MiB")
-
-
 # --- parts: environment, bundle, build, data --------------------------------------------------
 
 def part_env(ctx, deadline, out):
@@ -567,6 +460,16 @@ def install_wheels(ctx, wheels, deadline):
     ctx.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
              "--no-compile", "--no-cache-dir", "--disable-pip-version-check", "--target",
              ctx.site, *wheels], "bundle-install", deadline, "pip install of the bundle")
+
+
+def part_gpu_path(ctx, deadline, out):
+    """The forced, deterministic checks of bench/device_check_gpu_path.py (a few seconds)."""
+    found = ctx.probe("gpu-path", deadline)
+    for c in found["checks"]:
+        if c["passed"] is None:   # a figure, or not for this device (no CUDA in a dry run)
+            out.figure(c["name"], f"{c['name']}: {c['detail']}")
+        else:
+            out.check(c["name"], c["passed"], f"{c['detail']} ({c['seconds']:.1f} s)")
 
 
 def part_bundle(ctx, deadline, out):
@@ -680,11 +583,19 @@ def check_trained(ctx, events, results, precision):
     return results
 
 
-def part_e2e(ctx, deadline, out, precision):
-    name = f"MiB-{precision}"
+def part_e2e(ctx, deadline, out, precision, package=False):
+    """Steps 0 and 1 through torchrun, then ``--test`` of step 1; ``package``: with the
+    compiled In-Place ABN layers (``--norm_impl inplace_abn``, the build on the path), as
+    ``auto`` picks them on CUDA wherever the package is installed."""
+    name = f"MiB-{precision}" + ("-iabn" if package else "")
     lane = lane_dir(ctx, name)
-    args = run_args(ctx, name, precision, "0,1")
-    ctx.run([*ctx.torchrun(), *args], f"{name}-train", deadline, "run.py --step 0,1", cwd=lane)
+    impl = ["--norm_impl", "inplace_abn"] if package else []
+    env = ctx.env(ctx.iabn_path) if package and ctx.iabn_path else None
+    if package and ctx.iabn_path is None and ctx.cfg.iabn != "installed":
+        raise PartSkipped("no inplace-abn build on the path")
+    args = [*run_args(ctx, name, precision, "0,1"), *impl]
+    ctx.run([*ctx.torchrun(), *args], f"{name}-train", deadline, "run.py --step 0,1", cwd=lane,
+            env=env)
     events = read_events(os.path.join(run_dir(lane, name), "events.jsonl"))
     trained = check_trained(ctx, events, {s: read_result(lane, name, s) for s in (0, 1)},
                               precision)
@@ -702,8 +613,10 @@ def part_e2e(ctx, deadline, out, precision):
                    images_per_s=record.get("images_per_s"),
                    peak_mib=record.get("peak_memory_mib"))
     # step 1: a fresh model from the step's checkpoint, with the classifiers of both steps
-    ctx.run([*ctx.torchrun(), *run_args(ctx, name, precision, "1"), "--test"],
-            f"{name}-test", deadline, "run.py --step 1 --test", cwd=lane)
+    if package and opts.get("norm_impl") != "inplace_abn":
+        raise PartFailed(f"the run used norm_impl {opts.get('norm_impl')}, not inplace_abn")
+    ctx.run([*ctx.torchrun(), *run_args(ctx, name, precision, "1"), *impl, "--test"],
+            f"{name}-test", deadline, "run.py --step 1 --test", cwd=lane, env=env)
     diffs = compare_results(trained[1], read_result(lane, name, 1))
     out.check("test-exact", not diffs, "--test of step 1 reproduces its class_iou, mean_iou "
               "and image count exactly" if not diffs else
@@ -792,23 +705,6 @@ def part_norm(ctx, deadline, out):
 
 # --- parts: figures ---------------------------------------------------------------------------
 
-def row_text(row):
-    head = f"{row['section']} {row['case']}" + (f", batch {row['batch']}"
-                                                 if row.get("batch") else "")
-    if row.get("error"):
-        return f"{head}: error: {row['error'][:200]}"
-    bits = [f"{row['images_per_s']:.4g} images/s"] if row.get("images_per_s") else []
-    if row.get("peak_mib") is not None:
-        bits.append(f"peak {mib_text(row['peak_mib'])}")
-    if row.get("tflops") is not None:
-        bits.append(f"{row['tflops']:.3g} TFLOP/s")
-    if row.get("mfu_pct") is not None:
-        bits.append(f"MFU {row['mfu_pct']:.1f}%")
-    if row.get("x_base") is not None:
-        bits.append(f"{row['x_base']:.2f}x the time per image of {row['baseline']}")
-    return f"{head}: {', '.join(bits)}"
-
-
 def part_bench(ctx, deadline, out, spec):
     paths = (ctx.iabn_path,) if spec.iabn and ctx.iabn_path else ()
     env = ctx.env(*paths, **dict(spec.env))
@@ -825,81 +721,6 @@ def part_bench(ctx, deadline, out, spec):
     out.data["rows"] = rows
     for row in rows:
         out.figure(f"{row['section']} {row['case']}", row_text(row), row=row)
-
-
-# --- targets (figures, never checks) ----------------------------------------------------------
-
-def all_rows(results):
-    return [r for res in results.values() for r in res.get("data", {}).get("rows", [])]
-
-
-def comparisons(cfg, results):
-    """Figures of two parts side by side: --compile on vs off, and the compiled norm
-    layers vs pure PyTorch in training (same case)."""
-    rows = [r for r in all_rows(results) if r.get("images_per_s")]
-
-    def pick(part, section, case):
-        return next((r for r in rows if (r["part"], r["section"], r["case"]) ==
-                     (part, section, case)), None)
-
-    found = []
-    eager, compiled = pick("bench-methods", "methods", "FT"), pick("bench-compile", "methods",
-                                                                   "FT")
-    if eager and compiled:
-        ratio = compiled["images_per_s"] / eager["images_per_s"]
-        found.append({"name": "compile", "ratio": ratio, "text": f"--compile: FT step 1 "
-                      f"{compiled['images_per_s']:.4g} images/s vs {eager['images_per_s']:.4g}"
-                      f" eager, {ratio:.2f}x"
-                      + (" (compiling is off in this mode: "
-                         + " ".join(f"{k}={v}" for k, v in cfg.compile_env) + ")"
-                         if cfg.compile_env else "")})
-    for row in (r for r in rows if r["part"] == "bench-iabn"):
-        base = pick("bench-train", row["section"], row["case"])
-        if base:
-            ratio = row["images_per_s"] / base["images_per_s"]
-            found.append({"name": f"compiled norm {row['case']}", "ratio": ratio,
-                          "text": f"compiled norm layers, train {row['case']}: batch "
-                                  f"{row['batch']} vs {base['batch']}, {ratio:.2f}x the "
-                                  f"images/s, peak {mib_text(row.get('peak_mib'))} vs "
-                                  f"{mib_text(base.get('peak_mib'))}"})
-    return found
-
-
-def targets(cfg, results):
-    """The issue's speed targets against the figures taken; the dry run's sizes say nothing
-    about them, so there each is shown without a verdict."""
-    rows = [r for r in all_rows(results) if r.get("images_per_s")]
-    train = [r for r in rows if r["section"] == "train" and r.get("size") == cfg.crop]
-    bf16 = max((r for r in train if r.get("precision") == "bf16"),
-               key=lambda r: r["images_per_s"], default=None)
-    mib = next((r for r in rows if r["section"] == "methods" and r["case"] == "MiB"
-                and r.get("x_base")), None)
-    loader = max((r for r in rows if r["section"] == "data" and r["case"].startswith("loader")),
-                 key=lambda r: r["images_per_s"], default=None)
-    fastest = max(train, key=lambda r: r["images_per_s"], default=None)
-    found = []
-
-    def add(text, value, goal, met):
-        verdict = ("met" if met else "NOT met") if cfg.mode == "cuda" else \
-            "no verdict: toy sizes in the dry run"
-        found.append({"target": text, "value": value, "goal": goal,
-                      "met": met if cfg.mode == "cuda" else None,
-                      "text": f"{text}: {value:.3g} ({verdict})"})
-
-    goal = TARGETS["bf16_images_per_s"]
-    if bf16:
-        add(f"bf16 training >= {goal:.0f} images/s ({bf16['part']}: {bf16['case']}, batch "
-            f"{bf16['batch']})",
-            bf16["images_per_s"], goal, bf16["images_per_s"] >= goal)
-    goal = TARGETS["mib_vs_ft"]
-    if mib:
-        add(f"MiB step-1 iteration <= {goal}x FT", mib["x_base"], goal, mib["x_base"] <= goal)
-    goal = TARGETS["loader_headroom"]
-    if loader and fastest:
-        ratio = loader["images_per_s"] / fastest["images_per_s"]
-        add(f"input pipeline >= {goal:.0f}x what training consumes ({loader['case']} vs "
-            f"{fastest['case']}, batch {fastest['batch']})", ratio, goal, ratio >= goal)
-    return found
 
 
 # --- running the plan -------------------------------------------------------------------------
@@ -946,8 +767,8 @@ def execute(ctx, part):
         return part_record(part, "skip", outcome, 0, 0, f"needs {', '.join(unmet)}",
                            blocking=blocking)
     left = ctx.budget_left()
-    limit = min(part.limit_s, left)
-    if limit < MIN_PART_S:
+    limit = part.limit_s
+    if left < limit:   # a part starts only when what is left covers its whole limit
         return part_record(part, "skip", outcome, 0, 0, f"out of budget ({left:.0f} s left, "
                            f"the part may take up to {part.limit_s} s)", blocking=True)
     progress(ctx, f"{part.name}: starts with a limit of {limit:.0f} s; {left:.0f} s of the "
@@ -974,6 +795,16 @@ def execute(ctx, part):
     return record
 
 
+def execute_and_report(ctx, part, parts):
+    """One part, and the report rewritten as soon as its figures exist (a later part that
+    is killed, or a call that runs out of device time, leaves them on disk)."""
+    record = execute(ctx, part)
+    with ctx.report_lock:
+        ctx.results[record["name"]] = record
+        write_report(ctx, parts)
+    return record
+
+
 def run_plan(ctx, parts):
     """Every batch in order (the parts of one in threads); background parts run beside
     the later batches until a part that needs them starts. The report is rewritten after
@@ -988,11 +819,9 @@ def run_plan(ctx, parts):
                 continue
             for name in sorted({n for p in batch for n in p.needs} & set(background)):
                 ctx.results[name] = background.pop(name).result()
-            futures = [pool.submit(execute, ctx, p) for p in batch]
+            futures = [pool.submit(execute_and_report, ctx, p, parts) for p in batch]
             for future in futures:
-                record = future.result()
-                ctx.results[record["name"]] = record
-            write_report(ctx, parts)
+                future.result()
         for name, future in background.items():
             ctx.results[name] = future.result()
     except BaseException:
@@ -1000,256 +829,6 @@ def run_plan(ctx, parts):
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-# --- the report -------------------------------------------------------------------------------
-
-def verdict(ctx, parts):
-    records = [ctx.results[p.name] for p in parts if p.name in ctx.results]
-    checks = [c for r in records if r["kind"] == CHECK for c in r["checks"]]
-    failed = [r for r in records if r["failed"]]
-    return checks, failed
-
-
-def rerun_names(ctx, parts):
-    """Parts worth a second call: those that failed or ran out of budget or time."""
-    return [p.name for p in parts if p.name in ctx.results and
-            (ctx.results[p.name]["failed"] or ctx.results[p.name]["status"] in
-             ("error", "timeout") or ctx.results[p.name]["note"].startswith("out of budget"))]
-
-
-def document(ctx, parts, finished):
-    checks, failed = verdict(ctx, parts)
-    rerun = rerun_names(ctx, parts)
-    return {
-        "format": 1, "mode": ctx.cfg.mode, "created": ctx.created, "argv": ctx.argv,
-        "finished": finished, "passed": (not failed) if finished else None,
-        "seconds": round(ctx.elapsed(), 1), "budget_s": ctx.cfg.budget_s,
-        "checks_total": len(checks), "checks_failed": sum(not c["passed"] for c in checks),
-        "failed_parts": [r["name"] for r in failed], "environment": ctx.environment,
-        "config": dataclasses.asdict(ctx.cfg),
-        "plan": [{"name": p.name, "kind": p.kind, "limit_s": p.limit_s, "needs": list(p.needs),
-                  "group": p.group, "background": p.background} for p in parts],
-        "parts": [ctx.results[p.name] for p in parts if p.name in ctx.results],
-        "comparisons": comparisons(ctx.cfg, ctx.results),
-        "targets": targets(ctx.cfg, ctx.results),
-        "rerun": (f"bash bench/device_check.sh OUT --only {','.join(rerun)}"
-                  + (" --cpu-dry-run" if ctx.cfg.mode != "cuda" else "")) if rerun else None,
-    }
-
-
-STATUS_TAG = {True: "PASS", False: "FAIL"}
-
-
-def summary_lines(doc):
-    """The text summary: a headline, one line per part with its time against its limit,
-    one per check and per figure, the targets, and the result last."""
-    env = doc.get("environment") or {}
-    device = (env.get("gpus") or [{}])[0].get("name") or env.get("cpu_model") or ""
-    lines = [f"MiB device check ({doc['mode']}{', ' + device if device else ''}): "
-             f"{doc['seconds']:.0f} s of a {doc['budget_s']} s budget"]
-    for part in doc["parts"]:
-        note = f" ({part['note']})" if part["note"] else ""
-        lines.append(f"[{part['name']}] {part['status']} in {part['seconds']:.0f} s of its "
-                     f"{part['limit_s']} s limit{note}")
-        lines += [f"  {STATUS_TAG[c['passed']]} {c['name']}: {c['detail']}"
-                  for c in part["checks"]]
-        lines += [f"  figure {f['text']}" for f in part["figures"]]
-    if doc["comparisons"]:
-        lines.append("comparisons:")
-        lines += [f"  {c['text']}" for c in doc["comparisons"]]
-    if doc["targets"]:
-        lines.append("targets (figures, not checks):")
-        lines += [f"  {t['text']}" for t in doc["targets"]]
-    if doc["rerun"]:
-        lines.append(f"rerun what failed or did not fit: {doc['rerun']}")
-    if not doc["finished"]:
-        lines.append("RESULT: unfinished")
-    elif doc["passed"]:
-        lines.append(f"RESULT: all {doc['checks_total']} checks passed")
-    else:
-        lines.append(f"RESULT: FAILED: {doc['checks_failed']} of {doc['checks_total']} checks "
-                     f"failed; parts failed or not run: {', '.join(doc['failed_parts'])}")
-    return lines
-
-
-def _atomic_write(path, text):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_report(ctx, parts, finished=False):
-    doc = document(ctx, parts, finished)
-    _atomic_write(os.path.join(ctx.out, JSON_NAME), json.dumps(doc, indent=1, default=str))
-    _atomic_write(os.path.join(ctx.out, TEXT_NAME), "\n".join(summary_lines(doc)) + "\n")
-    return doc
-
-
-def write_logs(ctx):
-    """Every subprocess's output in one archive (a device run brings back a few files)."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for path in sorted(glob.glob(os.path.join(ctx.logs, "*.log"))):
-            tar.add(path, arcname=os.path.basename(path))
-    with open(os.path.join(ctx.out, LOGS_NAME), "wb") as f:
-        f.write(buffer.getvalue())
-
-
-# --- probes (run in a subprocess by Context.probe) --------------------------------------------
-
-def probe_imports(args):
-    found = {}
-    for module in args.modules.split(","):
-        try:
-            mod = __import__(module)
-            found[module] = {"version": getattr(mod, "__version__", None),
-                             "file": getattr(mod, "__file__", None) or ""}
-        except Exception as e:  # ImportError, or a build that does not fit this torch
-            found[module] = {"error": f"{type(e).__name__}: {e}"}
-    return found
-
-
-def _driver_version():
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version",
-                              "--format=csv,noheader"], capture_output=True, text=True,
-                             timeout=20)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired, IndexError):
-        return None
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
-def _memory_gib():
-    try:
-        with open("/proc/meminfo") as f:
-            return int(f.readline().split()[1]) / 2 ** 20
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-def _collective(torch, backend, device):
-    """One all_reduce in a process group of one on ``backend``."""
-    import torch.distributed as dist
-    with tempfile.TemporaryDirectory() as folder:
-        kwargs = {"device_id": torch.device("cuda", torch.cuda.current_device())} \
-            if device == "cuda" else {}
-        dist.init_process_group(backend, init_method=f"file://{folder}/store", rank=0,
-                                world_size=1, **kwargs)
-        try:
-            t = torch.arange(4.0, device=device)
-            dist.all_reduce(t)
-            values = t.tolist()
-        finally:
-            dist.destroy_process_group()
-    return {"ok": values == [0.0, 1.0, 2.0, 3.0], "device": device,
-            "detail": f"{values} for [0, 1, 2, 3]"}
-
-
-def _nccl_version(torch):
-    version = torch.cuda.nccl.version()  # a tuple in torch 2, an int before
-    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
-
-
-def probe_env(args):
-    import numpy
-    import torch
-    import torchvision
-    cuda = torch.cuda.is_available()
-    gpus = []
-    for i in range(torch.cuda.device_count() if cuda else 0):
-        p = torch.cuda.get_device_properties(i)
-        gpus.append({"name": p.name, "memory_gib": p.total_memory / 2 ** 30,
-                     "capability": f"{p.major}{p.minor}", "multiprocessors":
-                     p.multi_processor_count})
-    info = {"python": platform.python_version(), "executable": sys.executable,
-            "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": numpy.__version__, "cuda_available": cuda, "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version() if cuda else None,
-            "nccl": _nccl_version(torch) if cuda else None,
-            "driver": _driver_version() if cuda else None, "gpus": gpus,
-            "cpus": os.cpu_count(), "cpu_model": _cpu_model(), "memory_gib": _memory_gib(),
-            "platform": platform.platform()}
-    device = "cuda" if args.device == "cuda" and cuda else "cpu"
-    try:
-        info["collective"] = _collective(torch, args.backend, device)
-    except Exception as e:  # reported as a failed check
-        info["collective"] = {"ok": False, "device": device, "detail": f"{type(e).__name__}: {e}"}
-    return info
-
-
-def _norm_case(torch, norm_act_factory, norm_act, dtype, layout, training, device):
-    """Relative errors ||compiled - torch|| / ||torch|| of the output, the gradients of the
-    input, weight and bias, and the running statistics after one step."""
-    g = torch.Generator().manual_seed(0)
-    channels = 64
-    ours = norm_act_factory(norm_act, "torch")(channels)
-    with torch.no_grad():
-        w = torch.rand(channels, generator=g) + 0.5
-        w[::2] *= -1  # mixed signs, as in the ImageNet weights: |w| + eps in iabn
-        ours.weight.copy_(w)
-        ours.bias.copy_(torch.randn(channels, generator=g))
-        ours.running_mean.copy_(torch.randn(channels, generator=g))
-        ours.running_var.copy_(torch.rand(channels, generator=g) + 0.5)
-    theirs = norm_act_factory(norm_act, "inplace_abn")(channels)
-    theirs.load_state_dict(ours.state_dict())
-    x = torch.randn(8, channels, 32, 32, generator=g) * 2 + 0.7
-    upstream = torch.randn(x.shape, generator=g)
-    fmt = torch.channels_last if layout == "channels-last" else torch.contiguous_format
-    low = getattr(torch, dtype)
-    found = {}
-    for label, layer in (("torch", ours), ("compiled", theirs)):
-        layer = layer.to(device).train(training)
-        leaf = x.to(device, low, copy=True).contiguous(memory_format=fmt).requires_grad_()
-        with torch.autocast(device, dtype=low, enabled=low != torch.float32):
-            y = layer(leaf.clone())  # the package writes into its input
-        (y.float() * upstream.to(device)).sum().backward()
-        found[label] = {"output": y.float(), "input grad": leaf.grad.float(),
-                        "weight grad": layer.weight.grad, "bias grad": layer.bias.grad,
-                        "running mean": layer.running_mean, "running var": layer.running_var}
-    errors = {}
-    for key, ref in found["torch"].items():
-        other = found["compiled"][key].double()
-        ref = ref.double()
-        errors[key] = float((other - ref).norm() / ref.norm().clamp_min(1e-30))
-    return errors
-
-
-def probe_norm(args):
-    import torch
-
-    from modules.norm import norm_act_factory
-    device = args.device
-    dtypes = ["float32", "bfloat16"] + (["float16"] if device == "cuda" else [])
-    cases = []
-    for dtype in dtypes:
-        for norm_act in ("iabn_sync", "iabn", "abn"):
-            for layout in ("contiguous", "channels-last"):
-                for training in (True, False):
-                    case = {"dtype": dtype, "norm_act": norm_act, "layout": layout,
-                            "mode": "train" if training else "eval"}
-                    try:
-                        case["errors"] = _norm_case(torch, norm_act_factory, norm_act, dtype,
-                                                    layout, training, device)
-                    except Exception as e:  # reported as a failed check
-                        case["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                    cases.append(case)
-    return {"device": device, "cases": cases}
-
-
-PROBES = {"env": probe_env, "imports": probe_imports, "norm": probe_norm}
 
 
 # --- the bundle (make device-bundle) ----------------------------------------------------------
@@ -1318,15 +897,6 @@ def config_from(args):
     return dataclasses.replace(cfg, **changes)
 
 
-def print_plan(cfg, parts):
-    print(f"plan ({cfg.mode}, budget {cfg.budget_s} s):")
-    for p in parts:
-        extra = (f", with {p.group}" if p.group else "") + (", background" if p.background
-                                                            else "")
-        needs = f", needs {', '.join(p.needs)}" if p.needs else ""
-        print(f"  {p.name:15} {p.kind:8} limit {p.limit_s:4d} s{extra}{needs}")
-
-
 def run_check(cfg, parts, out, work, bundle, argv):
     """The whole check; returns the exit code."""
     os.makedirs(out, exist_ok=True)
@@ -1339,6 +909,7 @@ def run_check(cfg, parts, out, work, bundle, argv):
     finished = False
     try:
         progress(ctx, f"{cfg.mode}: {len(parts)} parts, budget {cfg.budget_s} s, work {work}")
+        print_plan(cfg, parts)
         run_plan(ctx, parts)
         finished = True
     finally:

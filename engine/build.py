@@ -102,9 +102,17 @@ def make_optimizer(model, opts):
                    "weight_decay": opts.weight_decay})
     groups.append({"params": [p for p in model.cls.parameters() if p.requires_grad],
                    "weight_decay": opts.weight_decay})
-    # one fused kernel for all parameters on CUDA; the same update rule everywhere
-    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
-    return torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum, nesterov=True, **fused)
+    kernel = sgd_kernel(next(model.parameters()).is_cuda, opts.amp)
+    return torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum, nesterov=True, **kernel)
+
+
+def sgd_kernel(on_cuda, amp):
+    """SGD's implementation keyword: one fused kernel for all parameters on CUDA; the same
+    update rule everywhere. Not under fp16: when the loss scaler skips the first step (an
+    overflow), the fused kernel returns before it fills the momentum buffers it allocated,
+    and every later step reads that garbage; the default kernel allocates them only on a
+    step it takes."""
+    return {"fused": True} if on_cuda and amp != "fp16" else {}
 
 
 def wrap_ddp(model, ctx):

@@ -4,7 +4,7 @@
 from metrics import StreamSegMetrics
 from train import NonFiniteLossError
 from utils import distributed
-from utils.checkpoint import atomic_torch_save, build_checkpoint
+from utils.checkpoint import atomic_torch_save, build_checkpoint, cuda_rng_state
 from utils.colormap import colormap, sample_panel
 from utils.events import finite_or_none, peak_memory
 
@@ -20,12 +20,15 @@ def train_epochs(opts, ctx, logger, events, trainer, models, data, ckpt_path, me
     optimizer = models.optimizer
 
     def save(epoch, score):
-        """Rank 0 writes the checkpoint; a failure there stops every process."""
+        """Rank 0 writes the checkpoint (with every process's CUDA RNG state); a failure
+        there stops every process."""
+        cuda_rng = distributed.all_gather_object(cuda_rng_state(ctx.device))
+
         def write():
             atomic_torch_save(build_checkpoint(
                 epoch=epoch, model=models.model, optimizer=optimizer,
                 scheduler=models.scheduler, best_score=score, trainer=trainer, meta=meta,
-                val_results=val_results), ckpt_path)
+                val_results=val_results, cuda_rng_by_rank=cuda_rng), ckpt_path)
             logger.info(f"[!] Checkpoint saved: {ckpt_path}")
         distributed.on_main(write)
 

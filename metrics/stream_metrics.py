@@ -30,6 +30,12 @@ def _as_long_tensor(x, device=None, what="labels"):
     return x.long()
 
 
+def _count_without_sync(index):
+    """Count on the device, without a host sync per batch (CUDA); on the CPU a sync costs
+    nothing and a bad prediction is reported at once."""
+    return index.is_cuda
+
+
 class StreamSegMetrics:
     """Confusion matrix M (n x n, float64, rows = ground truth, columns = prediction)
     accumulated over images; pixels whose label is outside [0, n) (e.g. 255) are skipped.
@@ -40,11 +46,13 @@ class StreamSegMetrics:
     def __init__(self, n_classes):
         self.n_classes = int(n_classes)
         self._cm = None
+        self._outside = None      # pixels predicted outside [0, n), on the device (CUDA)
         self.total_samples = 0
 
     # -- accumulation -----------------------------------------------------------------------
     @property
     def confusion_matrix(self):
+        self._raise_if_outside()
         if self._cm is None:
             return np.zeros((self.n_classes, self.n_classes), dtype=np.float64)
         return self._cm.detach().cpu().numpy().copy()
@@ -67,10 +75,16 @@ class StreamSegMetrics:
         # skipped pixels go to bin n*n, impossible predictions to bin n*n+1
         index = torch.where(valid, n * trues + preds, torch.full_like(trues, n * n))
         index = torch.where(bad_pred, torch.full_like(index, n * n + 1), index)
-        counts = torch.bincount(index.flatten(), minlength=n * n + 2)
-        if counts[n * n + 1] > 0:
-            raise MetricsError(f"predictions must be class indices in [0, {n}); "
-                               f"{int(counts[n * n + 1])} pixels are outside")
+        flat = index.flatten()
+        if _count_without_sync(flat):
+            # torch.bincount on CUDA reads the largest index back to the host; a scatter into
+            # bins of a known number does not. The out-of-range check waits for the reading.
+            counts = torch.zeros(n * n + 2, dtype=torch.long, device=flat.device)
+            counts.index_add_(0, flat, torch.ones_like(flat))
+            self._outside = counts[n * n + 1] + (0 if self._outside is None else self._outside)
+        else:
+            counts = torch.bincount(flat, minlength=n * n + 2)
+            self._raise_if_outside(counts[n * n + 1])
         hist = counts[:n * n].view(n, n).to(torch.float64)
         if self._cm is None:
             self._cm = hist
@@ -78,13 +92,22 @@ class StreamSegMetrics:
             self._cm += hist
         self.total_samples += int(trues.shape[0])
 
+    def _raise_if_outside(self, outside=None):
+        """Predictions outside [0, n) are an error (counted on the device, read here)."""
+        outside = self._outside if outside is None else outside
+        if outside is not None and int(outside) > 0:
+            raise MetricsError(f"predictions must be class indices in [0, {self.n_classes}); "
+                               f"{int(outside)} pixels are outside")
+
     def reset(self):
         self._cm = None
+        self._outside = None
         self.total_samples = 0
 
     def synch(self, device):
         """Sum the confusion matrix and the sample count of every process on rank 0 (other
         ranks keep their own). Nothing to do without a process group."""
+        self._raise_if_outside()
         ctx = distributed.context()
         if not ctx.distributed:
             return

@@ -23,6 +23,8 @@ default group is captured at import time and silently disables synchronisation. 
 package synchronises only CUDA tensors; on the CPU its sync layer uses the torch code here.
 """
 import functools
+import logging
+import math
 
 import torch
 import torch.distributed as dist
@@ -30,6 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.errors import UserError
+
+log = logging.getLogger(__name__)
 
 EPS = 1e-5
 MOMENTUM = 0.1
@@ -247,6 +251,21 @@ def inplace_abn_available():
 
 
 @functools.lru_cache(maxsize=None)
+def package_sync_path(training, group_size, is_cuda, shape):
+    """Who normalises an ``iabn_sync`` input when the compiled package is chosen: "local"
+    (the package without synchronisation: evaluation, or one process), "package" (its
+    CUDA sync kernels), or "torch" (``_sync_forward``): on the CPU, and where this process
+    holds one value per channel (one image per GPU through a 1x1 map, e.g. the ASPP's
+    image pooling), which the package refuses from the local count while the statistics
+    over all processes are well defined."""
+    if not training or group_size <= 1:
+        return "local"
+    values_per_channel = shape[0] * math.prod(shape[2:])
+    if not is_cuda or values_per_channel <= 1:
+        return "torch"
+    return "package"
+
+
 def _package_classes():
     import inplace_abn
 
@@ -284,12 +303,21 @@ def _package_classes():
         def __init__(self, num_features, *args, group=None, **kwargs):
             super().__init__(num_features, *args, group=None, **kwargs)
             self.requested_group = group
+            self._logged_fallback = False
 
         def forward(self, x):
             # The package syncs only when handed a group; resolve it now, not at import.
-            if not self.training or _process_group_size(self.requested_group) <= 1:
+            path = package_sync_path(self.training, _process_group_size(self.requested_group),
+                                     x.is_cuda, x.shape)
+            if path == "local":
                 self.group = None
-            elif not x.is_cuda:  # the package's sync kernels are CUDA-only
+            elif path == "torch":
+                if x.is_cuda and not self._logged_fallback:
+                    self._logged_fallback = True
+                    log.info("In-Place ABN sync layer (%d channels): one value per channel "
+                             "on this process (input %s), which the compiled package "
+                             "refuses; its statistics are synchronised by the PyTorch code",
+                             x.shape[1], list(x.shape))
                 return _sync_forward(self, x, self.requested_group)
             else:
                 self.group = (self.requested_group if self.requested_group is not None

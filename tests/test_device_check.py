@@ -28,8 +28,8 @@ def names(parts):
                                      (dc.DRY_RUN, ["e2e-fp32", "e2e-bf16"])])
 def test_plan_has_every_part_in_priority_order_with_a_limit_each(cfg, e2e):
     parts = dc.plan(cfg)
-    assert names(parts) == ["env", "bundle", "data", "iabn-build", *e2e, "resume", "norm",
-                            *BENCH]
+    assert names(parts) == ["gpu-path", "env", "bundle", "data", "iabn-build", *e2e, "resume",
+                            "norm", "e2e-iabn", *BENCH]
     kinds = [p.kind for p in parts]
     assert max(i for i, k in enumerate(kinds) if k == dc.CHECK) < kinds.index(dc.FIGURES)
     for i, p in enumerate(parts):
@@ -37,7 +37,8 @@ def test_plan_has_every_part_in_priority_order_with_a_limit_each(cfg, e2e):
         assert set(p.needs) <= set(names(parts[:i])), p  # needs come earlier
     figures = [[b] for b in BENCH] if cfg.figures_alone else [BENCH]
     assert [names(b) for b in dc.batches(parts)] == [
-        ["env", "bundle", "data"], ["iabn-build"], [*e2e, "resume"], ["norm"], *figures]
+        ["gpu-path", "env", "bundle", "data"], ["iabn-build"], [*e2e, "resume"], ["norm"],
+        ["e2e-iabn"], *figures]
     assert [p.name for p in parts if p.background] == ["iabn-build"]
 
 
@@ -56,7 +57,9 @@ def test_the_gpu_run_is_the_issue_configuration_and_fits_a_short_device_call(tmp
                   "--device cuda"):
         assert piece in line
     specs = {s.name: s for s in dc.bench_specs(cfg)}
-    assert "--batches 64,96,128" in " ".join(specs["bench-train"].invocations[0])
+    # from the memory estimate (0.8 GiB per image in fp32): no try that cannot fit 78 GiB
+    assert "--batches 16,32,72" in " ".join(specs["bench-train"].invocations[0])
+    assert "--precisions bf16,fp16" in " ".join(specs["bench-iabn"].invocations[0])
     assert "--batches 12" in " ".join(specs["bench-train-12"].invocations[0])
     assert [inv[inv.index("--workers") + 1] for inv in specs["bench-data"].invocations] == \
         ["8", "16"]
@@ -212,6 +215,60 @@ def test_a_check_that_does_not_fit_the_budget_fails_the_run(tmp_path, monkeypatc
     assert doc["rerun"].endswith("--only late --cpu-dry-run")
 
 
+def test_a_part_starts_only_when_the_budget_left_covers_its_whole_limit(tmp_path,
+                                                                         monkeypatch):
+    """Not with what is left of it: a figures part cut short is killed with nothing."""
+    code, doc, _ = run_main(tmp_path, monkeypatch, [dc.Part("first", dc.CHECK, 30, passing),
+                                                    dc.Part("figs", dc.FIGURES, 50, figures)],
+                            "--budget", "40")
+    first, figs = doc["parts"]
+    assert first["status"] == "pass" and figs["status"] == "skip"
+    assert figs["note"].startswith("out of budget") and not figs["figures"]
+    assert doc["rerun"].endswith("--only figs --cpu-dry-run")
+
+
+def test_each_part_is_in_the_report_on_disk_as_soon_as_it_ends(tmp_path, monkeypatch):
+    """Also while the other parts of its group still run (before: after the whole group)."""
+    seen = {}
+
+    def waits_for_the_report(ctx, deadline, out):
+        path = Path(ctx.out) / dc.JSON_NAME
+        for _ in range(1000):      # up to 10 s for the other part's record
+            if path.is_file():
+                doc = json.loads(path.read_text())
+                if doc["parts"]:
+                    seen["parts"] = [(p["name"], [f["text"] for f in p["figures"]])
+                                     for p in doc["parts"]]
+                    return
+            time.sleep(0.01)
+
+    run_main(tmp_path, monkeypatch, [dc.Part("figs", dc.FIGURES, 30, figures, group="g"),
+                                     dc.Part("later", dc.CHECK, 30, waits_for_the_report,
+                                             group="g")])
+    assert seen["parts"] == [("figs", ["42 images/s"])]
+
+
+def test_time_plan_names_what_would_not_start_in_the_worst_case():
+    parts = [dc.Part("a", dc.CHECK, 60, passing, group="g"),
+             dc.Part("b", dc.CHECK, 90, passing, group="g"),
+             dc.Part("build", dc.BUILD, 300, passing, background=True),
+             dc.Part("c", dc.CHECK, 100, passing), dc.Part("d", dc.FIGURES, 100, figures)]
+    cfg = dc.dataclasses.replace(dc.DRY_RUN, budget_s=250)
+    lines, late = dc.time_plan(cfg, parts)
+    assert late == ["build", "d"]
+    assert lines[0] == "     0 s  a, b (up to 90 s)"
+    assert lines[2] == "    90 s  c (up to 100 s)"
+    assert lines[-1].startswith("  worst case 190 s of a 250 s budget")
+    _, late = dc.time_plan(dc.GPU, dc.plan(dc.GPU))
+    checks = {p.name for p in dc.plan(dc.GPU) if p.kind == dc.CHECK}
+    assert checks & set(late) == {"e2e-iabn"}   # every other check starts in the worst case
+
+
+@pytest.mark.parametrize("gib,ladder", [(78, "16,32,72"), (139, "32,64,136"), (8, "8")])
+def test_batch_ladder_comes_from_the_memory_estimate(gib, ladder):
+    assert dc.batch_ladder(gib, 0.8) == ladder
+
+
 def test_a_failed_build_skips_only_what_needs_it(tmp_path, monkeypatch):
     def no_build(ctx, deadline, out):
         raise dc.PartFailed("nvcc: not found")
@@ -340,8 +397,11 @@ def test_cpu_dry_run_passes_every_check_and_takes_every_figure(tmp_path):
     assert doc["checks_total"] == len([c for p in doc["parts"] if p["kind"] == dc.CHECK
                                        for c in p["checks"]])
     iabn = parts["iabn-build"]["status"] == "pass"
-    for name in ("env", "bundle", "data", "e2e-fp32", "e2e-bf16", "resume"):
+    for name in ("gpu-path", "env", "bundle", "data", "e2e-fp32", "e2e-bf16", "resume"):
         assert parts[name]["status"] == "pass", parts[name]
+    assert [c["name"] for c in parts["gpu-path"]["checks"]] == [
+        "fp16-overflow", "penalty-skip", "resume-strides"]   # rng-fewer-gpus needs CUDA
+    assert parts["e2e-iabn"]["status"] == ("pass" if iabn else "skip")
     for name, check in (("e2e-fp32", "test-exact"), ("e2e-bf16", "test-exact"),
                         ("resume", "continues"), ("resume", "same-result")):
         assert check in [c["name"] for c in parts[name]["checks"]]

@@ -12,6 +12,7 @@ tag, task, classes, epochs, the options' fingerprint) and ``resume_state`` (RNG 
 trainer's full state, the last validation figures) for an exact resume."""
 import hashlib
 import json
+import logging
 import os
 import random
 import tempfile
@@ -20,6 +21,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from . import distributed
 from .compile import unwrap
 from .errors import UserError
 
@@ -27,6 +29,8 @@ from .errors import UserError
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK
+
+log = logging.getLogger(__name__)
 
 
 # every state-dict key in a checkpoint file carries the prefix of the DDP wrapper the
@@ -219,18 +223,43 @@ def checkpoint_meta(opts, classes, fingerprint_now):
             "classes": list(classes), "epochs": opts.epochs, "fingerprint": fingerprint_now}
 
 
-def rng_states():
+def cuda_rng_state(device):
+    """The CUDA RNG state of this process's GPU (None for a CPU process)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_rng_state(device)
+
+
+def rng_states(cuda_by_rank=None):
+    """The RNG states to resume with; ``cuda_by_rank``: each process's own GPU state, in
+    rank order (``distributed.all_gather_object``), this process's alone when not given."""
+    if cuda_by_rank is None:
+        cuda_by_rank = [cuda_rng_state(distributed.context().device)]
     return {"python": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "torch": torch.get_rng_state(), "cuda_by_rank": cuda_by_rank}
 
 
-def restore_rng_states(states):
+def restore_rng_states(states, rank=0, world_size=1):
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    if states.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if not torch.cuda.is_available():
+        return
+    by_rank = states.get("cuda_by_rank")
+    if by_rank is not None:
+        if len(by_rank) != world_size:
+            log.warning(f"the checkpoint holds the CUDA RNG states of {len(by_rank)} processes, "
+                        f"{world_size} here: the resumed run draws other random numbers on "
+                        "the GPU than an uninterrupted one would")
+        if rank < len(by_rank) and by_rank[rank] is not None:
+            torch.cuda.set_rng_state(by_rank[rank])
+    elif states.get("cuda") is not None:      # earlier files: rank 0's states of every GPU
+        saved, count = states["cuda"], torch.cuda.device_count()
+        if len(saved) != count:
+            log.warning(f"the checkpoint holds the CUDA RNG states of {len(saved)} GPUs, "
+                        f"{count} here: only the first {min(len(saved), count)} are restored")
+        for index in range(min(len(saved), count)):
+            torch.cuda.set_rng_state(saved[index], index)
 
 
 def check_checkpoint_fits(ckpt, path, opts, classes, what):
@@ -272,7 +301,7 @@ def is_unfinished(ckpt):
 
 
 def build_checkpoint(*, epoch, model, optimizer, scheduler, best_score, trainer, meta,
-                     val_results):
+                     val_results, cuda_rng_by_rank=None):
     """A step checkpoint: the original's entries and ``module.`` names, plus what an exact
     resume needs."""
     return {
@@ -284,9 +313,20 @@ def build_checkpoint(*, epoch, model, optimizer, scheduler, best_score, trainer,
         "trainer_state": trainer.state_dict(),
         "scaler_state": trainer.scaler.state_dict(),
         "meta": meta,
-        "resume_state": {"rng": rng_states(), "trainer": trainer.full_state(),
+        "resume_state": {"rng": rng_states(cuda_rng_by_rank), "trainer": trainer.full_state(),
                          "val_results": val_results},
     }
+
+
+def match_parameter_layout(optimizer):
+    """Per-parameter optimiser state (momentum buffers) in its parameter's strides: loading
+    keeps the saved ones, e.g. contiguous buffers from a run without channels-last, and
+    CUDA's fused SGD kernel refuses buffers whose strides differ from the parameter's."""
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            if (torch.is_tensor(value) and value.shape == p.shape
+                    and value.stride() != p.stride()):
+                state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def restore_checkpoint(ckpt, path, *, model, optimizer, scheduler, trainer):
@@ -295,11 +335,13 @@ def restore_checkpoint(ckpt, path, *, model, optimizer, scheduler, trainer):
     the original resumes it. Returns (next epoch, best score, last validation results)."""
     load_model_state(model, ckpt["model_state"], strict=True, source=f"checkpoint {path}")
     optimizer.load_state_dict(ckpt["optimizer_state"])
+    match_parameter_layout(optimizer)
     scheduler.load_state_dict(ckpt["scheduler_state"])
     resume = ckpt.get("resume_state")
     if resume is not None:
         trainer.load_full_state(resume["trainer"])
-        restore_rng_states(resume["rng"])
+        ctx = distributed.context()
+        restore_rng_states(resume["rng"], rank=ctx.rank, world_size=ctx.world_size)
     else:
         if ckpt.get("trainer_state"):
             trainer.load_state_dict(ckpt["trainer_state"])

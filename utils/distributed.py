@@ -52,8 +52,13 @@ def resolve_device(device_opt, local_rank):
     """``auto``: the GPU of this process when CUDA is available, else the CPU."""
     if device_opt == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    index = local_rank % torch.cuda.device_count()
-    return torch.device("cuda", index)
+    count = torch.cuda.device_count()
+    if local_rank >= count:   # two ranks on one GPU: NCCL would refuse them at the first call
+        raise RunError(f"the process of local rank {local_rank} has no GPU of its own: "
+                       f"{count} GPUs are visible on this node; start at most {count} "
+                       f"processes per node (torchrun --nproc_per_node {count}), or pass "
+                       "--device cpu")
+    return torch.device("cuda", local_rank)
 
 
 def setup(device_opt="auto", local_rank=0):
@@ -109,6 +114,15 @@ def broadcast_object(obj, src=0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj):
+    """Every process's ``obj``, in rank order, on every process."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def any_process(flag, device):

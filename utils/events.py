@@ -7,9 +7,10 @@ every training epoch and an ``eval`` record after every validation and test pass
 Every record has ``event``, ``time`` (Unix seconds) and ``step``. ``epoch`` records: ``epoch``,
 ``seconds``, ``images``, ``images_per_s``, ``lr``, ``losses`` (mean per iteration by term:
 ``main``, the method's terms by name, ``reg`` for a penalty), ``peak_memory_mib`` and
-``memory`` (``cuda``: peak allocated on the GPU; ``rss``: peak resident size of the
-process). ``eval`` records: ``split``, ``epoch`` (None for the test), ``seconds``, ``images``,
-``images_per_s``, ``mean_iou``, ``overall_acc``, ``mean_acc``, and for validation ``loss``."""
+``memory`` (``cuda``: peak allocated on the GPU since the previous epoch record; ``rss``:
+peak resident size of the process since it started). ``eval`` records: ``split``, ``epoch``
+(None for the test), ``seconds``, ``images``, ``images_per_s``, ``mean_iou``,
+``overall_acc``, ``mean_acc``, and for validation ``loss``."""
 import json
 import os
 import resource
@@ -73,9 +74,12 @@ def read_events(logdir_or_path, event=None):
 
 
 def peak_memory(device):
-    """(MiB, kind): the peak GPU memory allocated on CUDA, else the process's peak RSS."""
+    """(MiB, kind): the peak GPU memory allocated on CUDA since the last reading (the
+    counter is reset here), else the process's peak RSS (which cannot be reset)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20, "cuda"
+        mib = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        torch.cuda.reset_peak_memory_stats(device)
+        return mib, "cuda"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes
     return (rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10), "rss"
