@@ -1,13 +1,19 @@
 """Every wrong input of the command line or on disk gives one clear line on stderr, exit
 code 1, no traceback (unless --debug), and leaves the files already there untouched."""
 import hashlib
+import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import run
 from conftest import run_entry
+from utils import run_lock
 
 TINY = ["--backbone", "resnet18", "--no_pretrained", "--crop_size", "32", "--batch_size", "4",
         "--epochs", "1", "--lr", "0.01", "--num_workers", "0", "--no_progress"]
@@ -273,3 +279,48 @@ def test_every_user_error_is_one_line_through_run_main(in_trained, capsys, monke
     monkeypatch.setattr(train.Trainer, "train", fail)
     fails_with(voc("data", "--name", "A", "--step", "0", "--resume", "never"),
                f"simulated {error.__name__}", capsys, in_trained)
+
+
+# --- issue 28: the mistakes a new user still met --------------------------------------------
+def dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_the_same_run_started_twice_stops_the_second_at_once(in_trained, capsys):
+    """Row 2: the first run.py holds the run folder's lock (here: this process holds it)."""
+    holder = run_lock.RunLock(in_trained / "logs/15-5-voc/A", run_lock.RUN_LOCK)
+    assert holder.try_acquire()
+    try:
+        line = fails_with(voc("data", "--name", "A", "--step", "1"),
+                          "run logs/15-5-voc/A is in use by another run.py (pid "
+                          f"{os.getpid()} on {socket.gethostname()}", capsys, in_trained)
+        assert "another --name" in line
+        assert not (in_trained / "checkpoints/step/15-5-voc_A_1.pth").exists()
+    finally:
+        holder.release()
+
+
+def test_a_stale_run_lock_of_a_dead_process_is_taken_over_with_a_warning(in_trained, capsys):
+    """Row 2: a run.py killed with SIGKILL leaves its lock; the next command takes it over."""
+    lock_file = in_trained / "logs/15-5-voc/A" / run_lock.RUN_LOCK
+    pid = dead_pid()
+    lock_file.write_text(json.dumps({"token": "old", "host": socket.gethostname(),
+                                     "pid": pid, "since": "yesterday"}))
+    before = snapshot(in_trained)
+    run.main(voc("data", "--name", "A", "--step", "0"))     # finished: skipped
+    err = capsys.readouterr().err
+    assert (f"warning: took over the lock of run logs/15-5-voc/A from pid {pid} on "
+            f"{socket.gethostname()}, since yesterday, which is no longer running") in err
+    assert "is already finished" in err and not lock_file.exists()
+    del before[str(lock_file.relative_to(in_trained))]
+    assert {k: v for k, v in snapshot(in_trained).items() if k in before} == before
+
+
+def test_a_refused_command_leaves_no_new_folder(in_trained, capsys):
+    """Row 7: a command that fails before its work starts leaves nothing behind, not even the
+    folders its lock needed."""
+    fails_with(voc("data", "--name", "Fresh", "--step", "0", "--ckpt", "missing.pth"),
+               "--ckpt missing.pth does not exist", capsys, in_trained)
+    assert not (in_trained / "logs/15-5-voc/Fresh").exists()
