@@ -1,10 +1,15 @@
 """The mistakes a new user still met (issue 28): each one ends with one clear line, exit code
 1 (or a warning where the run is still sensible), and leaves the files on disk unchanged."""
+import re
+import shutil
+
 import pytest
+from PIL import Image
 from test_bad_input import fails_with, snapshot, voc
 
 import argparser
 import run
+from dataset.errors import SizeMismatchError
 
 
 @pytest.fixture
@@ -109,3 +114,41 @@ def test_snapshot_sees_a_changed_file(empty_dir):
     (empty_dir / "keep.txt").write_text("changed")
     assert snapshot(empty_dir) != before
     assert run is not None
+
+
+# row 1: a mask whose size differs from its image
+def _shrink_mask(path, size=(50, 40)):
+    with Image.open(path) as mask:
+        mask.resize(size, Image.NEAREST).save(path)
+
+
+def test_training_mask_of_another_size_names_both_files(synthetic_voc, tmp_path, monkeypatch,
+                                                        capsys):
+    shutil.copytree(synthetic_voc, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    voc_root = tmp_path / "data/PascalVOC12"
+    for mask in (voc_root / "SegmentationClassAug").iterdir():
+        _shrink_mask(mask)
+    line = fails_with(voc("data", "--name", "M", "--step", "0"), "but its mask", capsys,
+                      tmp_path)
+    assert re.search(r"image \S+JPEGImages/\S+\.jpg is \d+x\d+ but its mask "
+                     r"\S+SegmentationClassAug/\S+\.png is 50x40; give both the same size",
+                     line), line
+    assert not (tmp_path / "checkpoints/step/15-5-voc_M_0.pth").exists()
+
+
+@pytest.mark.parametrize("image_set", ["train", "val"])
+def test_every_split_refuses_a_pair_of_two_sizes(synthetic_voc, tmp_path, image_set):
+    """Validation and test read their pairs the same way (val is VOC's test split)."""
+    from dataset.voc import VOCSegmentation
+    shutil.copytree(synthetic_voc, tmp_path / "data")
+    split = VOCSegmentation(tmp_path / "data", image_set)
+    image, mask = split.images[3]
+    width, height = split.load(3)[0].size
+    _shrink_mask(mask)
+    with pytest.raises(SizeMismatchError) as e:
+        split.load(3)
+    assert str(e.value) == (f"image {image} is {width}x{height} but its mask {mask} is 50x40; "
+                            "give both the same size (or remove the pair from "
+                            f"{split.split_name})")
+    split.load(4)         # the other pairs still read
