@@ -41,6 +41,8 @@ def run_step(opts, ctx):
     prev_ckpt = None
     if plan != "test" and paths.prev is not None and os.path.isfile(paths.prev):
         prev_ckpt = load_trusted(paths.prev, "previous-step checkpoint")
+        if opts.step_ckpt is None:
+            manifest.check_previous_step(opts.step, paths.prev, prev_ckpt)
     resume_ckpt, resume_path = None, None
     if plan in ("ckpt", "auto"):
         resume_path = opts.ckpt if plan == "ckpt" else paths.ckpt

@@ -324,3 +324,36 @@ def test_a_refused_command_leaves_no_new_folder(in_trained, capsys):
     fails_with(voc("data", "--name", "Fresh", "--step", "0", "--ckpt", "missing.pth"),
                "--ckpt missing.pth does not exist", capsys, in_trained)
     assert not (in_trained / "logs/15-5-voc/Fresh").exists()
+
+
+def _copy_of_run_a(in_trained, name):
+    """Run ``name``: a copy of A's step 0 (checkpoint and manifest)."""
+    ckpt = in_trained / f"checkpoints/step/15-5-voc_{name}_0.pth"
+    shutil.copy(in_trained / "checkpoints/step/15-5-voc_A_0.pth", ckpt)
+    manifest = json.loads((in_trained / "logs/15-5-voc/A/manifest.json").read_text())
+    manifest["steps"]["0"]["checkpoint"] = f"checkpoints/step/15-5-voc_{name}_0.pth"
+    (in_trained / f"logs/15-5-voc/{name}").mkdir(parents=True, exist_ok=True)
+    (in_trained / f"logs/15-5-voc/{name}/manifest.json").write_text(json.dumps(manifest))
+    return ckpt
+
+
+@pytest.mark.parametrize("change,what", [
+    ({"meta": {"fingerprint_lr": 0.05}}, "it was trained with other options: lr: 0.01 -> 0.05"),
+    ({"epoch": 7}, "its checksum differs"),
+])
+def test_previous_step_checkpoint_replaced_since_it_finished(in_trained, capsys, change, what):
+    """Row 3: step 0's checkpoint replaced by another run's, then step 1 is run."""
+    name = "R" + str(len(what))
+    ckpt = _copy_of_run_a(in_trained, name)
+    other = torch.load(ckpt, weights_only=False)
+    if "meta" in change:
+        other["meta"]["fingerprint"] = dict(other["meta"]["fingerprint"], lr=0.05)
+    else:
+        other.update(change)
+    torch.save(other, ckpt)
+    line = fails_with(voc("data", "--name", name, "--step", "1"),
+                      f"previous-step checkpoint {ckpt.relative_to(in_trained)} changed since "
+                      f"step 0 finished ({what}, recorded in logs/15-5-voc/{name}/manifest.json)",
+                      capsys, in_trained)
+    assert "--step 0 --resume never" in line and "--step_ckpt" in line
+    assert not (in_trained / f"checkpoints/step/15-5-voc_{name}_1.pth").exists()
