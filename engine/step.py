@@ -11,6 +11,7 @@ import tasks
 from metrics import StreamSegMetrics
 from utils import distributed
 from utils.checkpoint import check_resumable, checkpoint_meta, load_trusted, restore_checkpoint
+from utils.errors import UserError
 from utils.events import EventLog
 from utils.logger import Logger
 from utils.manifest import Manifest
@@ -51,7 +52,7 @@ def run_step(opts, ctx):
             check_resumable(resume_ckpt, resume_path, fingerprint_now)
 
     logger = Logger(paths.logdir, rank=ctx.rank, debug=opts.debug, summary=opts.visualize,
-                    step=opts.step)
+                    step=opts.step, hold_file=True)    # log.txt: from logger.keep() on
     events = EventLog(paths.logdir, enabled=ctx.is_main)
     try:
         logger.info(f"Device: {ctx.device}, processes: {ctx.world_size}, "
@@ -85,6 +86,7 @@ def run_step(opts, ctx):
             sample_ids = pick_sample_ids(opts, ctx, len(data.val_loader), logger)
             # the original prints a random tensor here; drawing it keeps the RNG stream
             logger.debug(f"Random tensor: {torch.randint(0, 100, (1, 1))}")
+            logger.keep()
             events.write("start", step=opts.step, method=opts.method, epochs=opts.epochs,
                          start_epoch=start_epoch, iterations=len(data.train_loader),
                          train_images=len(data.train), world_size=ctx.world_size,
@@ -97,7 +99,8 @@ def run_step(opts, ctx):
             test_path = paths.ckpt
             del trainer, models
         evaluation, val_results = test_phase(opts, ctx, classes, data.test_loader,
-                                             data.n_classes, test_path, logger, val_results)
+                                             data.n_classes, test_path, logger, val_results,
+                                             on_loaded=logger.keep)
         report_test(opts, logger, evaluation.score, val_results)
         events.write("eval", split="test", step=opts.step, epoch=None,
                      **eval_figures(evaluation))
@@ -109,6 +112,10 @@ def run_step(opts, ctx):
             distributed.on_main(lambda: manifest.mark_finished(
                 opts.step, paths.ckpt, summary, fingerprint=fingerprint_now))
         return evaluation.score
+    except (Exception, KeyboardInterrupt) as e:
+        logger.error("interrupted" if isinstance(e, KeyboardInterrupt) else
+                     f"error: {e}" if isinstance(e, UserError) else f"{type(e).__name__}: {e}")
+        raise
     finally:
         logger.close()    # also when a step fails half-way: detach its handlers
 

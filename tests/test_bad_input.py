@@ -357,3 +357,30 @@ def test_previous_step_checkpoint_replaced_since_it_finished(in_trained, capsys,
                       capsys, in_trained)
     assert "--step 0 --resume never" in line and "--step_ckpt" in line
     assert not (in_trained / f"checkpoints/step/15-5-voc_{name}_1.pth").exists()
+
+
+def test_a_failed_test_of_a_finished_run_leaves_its_folder_as_it_was(in_trained, capsys):
+    """Row 7: ``--test`` with a damaged ``--ckpt``: no line in log.txt, no TensorBoard file."""
+    (in_trained / "damaged.pth").write_bytes(b"not a checkpoint")
+    run_folder = in_trained / "logs/15-5-voc/A"
+    files = {p.name: p.read_bytes() for p in run_folder.iterdir() if p.is_file()}
+    fails_with(voc("data", "--name", "A", "--step", "0", "--test", "--ckpt", "damaged.pth"),
+               "cannot load checkpoint damaged.pth", capsys, in_trained)
+    assert {p.name: p.read_bytes() for p in run_folder.iterdir() if p.is_file()} == files
+
+
+def test_a_failure_after_the_work_started_is_written_into_log_txt(in_trained, capsys,
+                                                                  monkeypatch):
+    """Row 7: the error line is in log.txt too, after the lines of the work done."""
+    import train
+
+    def fail(*args, **kwargs):
+        raise train.NonFiniteLossError("the training loss is not finite (simulated)")
+
+    monkeypatch.setattr(train.Trainer, "train", fail)
+    fails_with(voc("data", "--name", "L", "--step", "0"), "not finite (simulated)", capsys,
+               in_trained)
+    log = (in_trained / "logs/15-5-voc/L/log.txt").read_text().splitlines()
+    assert "Device: cpu" in log[0]
+    assert log[-1].endswith("ERROR:rank0: error: the training loss is not finite (simulated); "
+                            "no checkpoint of this step was written yet")
