@@ -556,3 +556,21 @@ def test_submitit_local_requeue_kill_failing_cell_and_debug_retry(tmp_path, smal
     assert finished_steps(mib) == [1] and ft_console.stat().st_mtime_ns == before
     assert not list(logs.glob("*/sweep.lock"))
 
+
+
+def test_plan_commands_run_as_printed_from_any_folder(tmp_path, capsys):
+    """Issue 28, row 12: each printed command changes to the repository root and names this
+    interpreter; pasted into a shell elsewhere (here with --help added, so that it parses
+    every option and stops) it runs."""
+    path = write_sweep(tmp_path, GOOD + TINY)
+    code, out, _ = cli(["plan", path, "--commands"], capsys)
+    commands = [line.strip() for line in out.splitlines() if "run.py" in line]
+    assert code == 0 and commands
+    for command in commands:
+        assert command.startswith(f"cd {ROOT} && {sys.executable} run.py --")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = subprocess.run(["bash", "-c", commands[0] + " --help"], cwd=elsewhere,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "usage: run.py" in done.stdout
