@@ -13,6 +13,7 @@ import os
 import sys
 
 import torch
+from tqdm import tqdm
 
 import argparser
 from engine import run_step
@@ -37,6 +38,13 @@ def run_folder(opts):
     return os.path.normpath(os.path.join(opts.logdir, opts.task_name, opts.name))
 
 
+def close_progress_bars():
+    """Close the bars still open (an epoch or evaluation stopped half-way), so that the error
+    or Ctrl-C message starts on a line of its own."""
+    for bar in list(tqdm._instances):
+        bar.close()
+
+
 def main(argv=None):
     try:
         opts = argparser.parse_options(argv)
@@ -54,10 +62,12 @@ def main(argv=None):
             for s in opts.steps:
                 run_step(options_for_step(opts, s), ctx)
     except UserError as e:
+        close_progress_bars()
         if opts.debug:
             raise
         argparser.main_error(str(e))
     except KeyboardInterrupt:
+        close_progress_bars()
         sys.stderr.write("interrupted; rerun the same command to resume from the last "
                          "finished epoch\n")
         sys.exit(130)

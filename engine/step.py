@@ -15,12 +15,13 @@ from utils.errors import UserError
 from utils.events import EventLog
 from utils.logger import Logger
 from utils.manifest import Manifest
-from utils.results import class_iou_figure, load_results, write_results
+from utils.results import class_iou_figure, load_results, result_paths, write_results
 
 from . import build
 from .evaluate import test_phase
 from .loop import eval_figures, train_epochs
 from .plan import preflight, run_fingerprint, step_paths
+from .summary import print_summary
 
 
 def run_step(opts, ctx):
@@ -34,6 +35,9 @@ def run_step(opts, ctx):
             sys.stderr.write(f"INFO:rank0: step {opts.step} of {opts.task_name}/{opts.name} is "
                              f"already finished ({paths.ckpt}); skipping it "
                              "(--resume never trains it again)\n")
+            done = result_paths(os.path.join(paths.logdir, "results"), opts.step)[0]
+            if os.path.isfile(done):
+                print_summary(done)
         return None
     classes = tasks.get_per_task_classes(opts.dataset, opts.task, opts.step)
     fingerprint_now = run_fingerprint(opts, ctx.world_size)
@@ -52,7 +56,8 @@ def run_step(opts, ctx):
             check_resumable(resume_ckpt, resume_path, fingerprint_now)
 
     logger = Logger(paths.logdir, rank=ctx.rank, debug=opts.debug, summary=opts.visualize,
-                    step=opts.step, hold_file=True)    # log.txt: from logger.keep() on
+                    step=opts.step, hold_file=True,    # log.txt: from logger.keep() on
+                    tag_prefix="Retest_" if plan == "test" else "")
     events = EventLog(paths.logdir, enabled=ctx.is_main)
     try:
         logger.info(f"Device: {ctx.device}, processes: {ctx.world_size}, "
@@ -78,7 +83,7 @@ def run_step(opts, ctx):
                 if plan == "ckpt" and opts.protocol == "plop":
                     start_epoch = 0   # PLOP's --ckpt restores the states, then trains anew (P19)
                 logger.info(f"[!] Model restored from {resume_path}; continuing at epoch "
-                            f"{start_epoch} of {opts.epochs}")
+                            f"{start_epoch + 1} of {opts.epochs}")
                 resume_ckpt = None
             if ctx.is_main:
                 logger.add_table("Opts", {k: v for k, v in vars(opts).items()
@@ -153,5 +158,6 @@ def report_test(opts, logger, results, val_results):
 def save_results(opts, logdir, results, logger):
     json_path, csv_path = write_results(logdir, opts, results)
     logger.info(f"Results written to {json_path} and {csv_path}")
+    print_summary(json_path)
     if logger.writer is not None:
         logger.add_figure("Test_Class_IoU_Bars", class_iou_figure(load_results(json_path)))

@@ -1,7 +1,9 @@
 """Text log (stderr and a file in the log dir) and TensorBoard (tensorboardX), rank 0 only.
 
 Every TensorBoard tag gets the suffix ``/<step>`` as in the original (``Loss/1``,
-``Val_MeanIoU/1``), so all steps of a sequence share one log dir."""
+``Val_MeanIoU/1``), so all steps of a sequence share one log dir; a re-test (``--test``) adds
+the prefix ``Retest_`` (``Retest_T_MeanIoU/1``), so its figures do not double the training
+run's. The text log goes to log.txt only once the step's work starts (``keep``)."""
 import contextlib
 import logging
 import logging.handlers
@@ -18,12 +20,13 @@ PROJECT_LOGGERS = ("dataset", "modules", "metrics", "utils", "segmentation_modul
 
 class Logger:
     def __init__(self, logdir, rank, debug=False, summary=True, step=None, log_file=True,
-                 hold_file=False):
+                 hold_file=False, tag_prefix=""):
         self.logdir = logdir
         self.rank = rank
         self.is_main = rank == 0
         self.debug_flag = debug
         self.step = step
+        self.tag_prefix = tag_prefix    # "Retest_" for --test: beside the training run's tags
         self._writer = None
         self._log = logging.getLogger(f"mib.rank{rank}")
         self._log.handlers.clear()
@@ -110,6 +113,7 @@ class Logger:
 
     # --- TensorBoard ----------------------------------------------------------------------
     def _tag(self, tag):
+        tag = self.tag_prefix + tag
         return f"{tag}/{self.step}" if self.step is not None else tag
 
     def add_scalar(self, tag, value, step=None):
