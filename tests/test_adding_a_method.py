@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from trainer_helpers import RecordingSGD, TinySegNet, batch, ce, grads_of
 
 import methods
 import run
 from argparser import build_options, parse_options
 from methods import registry
-from test_trainer_helpers import RecordingSGD, TinySegNet, batch, ce, grads_of
 from train import Trainer
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "adding_a_method.md"
