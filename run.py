@@ -41,7 +41,7 @@ def run_folder(opts):
 def close_progress_bars():
     """Close the bars still open (an epoch or evaluation stopped half-way), so that the error
     or Ctrl-C message starts on a line of its own."""
-    for bar in list(tqdm._instances):
+    for bar in list(getattr(tqdm, "_instances", ())):   # made with the first bar
         bar.close()
 
 
