@@ -1,4 +1,4 @@
-# Two commands do all the set-up on a fresh machine with Python 3.11:
+# Two commands do all the set-up on a fresh machine with Python 3.10 or newer:
 #   make test   install runtime + test dependencies into .venv, build the compiled In-Place
 #               ABN package where a C++ compiler exists, and run the whole test suite
 #   make demo   the one-command demo on synthetic data (CPU, a few minutes)
@@ -11,6 +11,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 CUDA_HOME ?= /usr/local/cuda
 TORCH_CUDA_ARCH_LIST ?= 9.0
+# pip's index for torch and torchvision; empty: PyPI (the CUDA build on Linux, 5.6 GB).
+# For the CPU-only build: make venv TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?=
 
 .PHONY: test test-fast demo iabn iabn-if-possible bench bench-quick clean venv
 
@@ -18,6 +21,7 @@ venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(if $(TORCH_INDEX_URL),$(PIP) install -q --index-url $(TORCH_INDEX_URL) torch torchvision)
 	$(PIP) install -q -r requirements.txt -r requirements-test.txt
 	touch $@
 

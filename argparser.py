@@ -17,6 +17,7 @@ import sys
 import methods
 import tasks
 from utils.errors import OptionError  # noqa: F401  (argparser.OptionError, as before)
+from utils.option_range import Range
 
 # Method presets, declared by the methods (``methods/``), applied after parsing: they
 # overwrite the options they set, as the original does. (The registry is read again at
@@ -338,8 +339,56 @@ def lr_for_step(opts, step):
     return opts.lrs[min(step, len(opts.lrs) - 1)]
 
 
+# Every numeric option with a range, checked in one place (``check_ranges``); the methods'
+# own options declare theirs (``methods.option_ranges``). A ``None`` value means "unset".
+OPTION_RANGES = {
+    "lr": Range(0, warn_at=(0, "the weights never change; give a positive rate")),
+    "momentum": Range(0, 1), "weight_decay": Range(0), "lr_decay_step": Range(1),
+    "lr_decay_factor": Range(0, low_open=True), "lr_power": Range(0),
+    "epochs": Range(1), "batch_size": Range(1), "crop_size": Range(16),
+    "val_interval": Range(1), "ckpt_interval": Range(1), "print_interval": Range(1),
+    "num_workers": Range(0), "sample_num": Range(0), "random_seed": Range(0, 2 ** 32 - 1),
+    "pooling": Range(1),
+    "loss_kd": Range(0), "loss_de": Range(0), "alpha": Range(0, low_open=True),
+    "icarl_importance": Range(0), "reg_importance": Range(0), "reg_alpha": Range(0, 1),
+    "reg_iterations": Range(1),
+}
+
+
+def check_ranges(opts):
+    """Refuse (``OptionError``) a numeric option outside its range; return warnings for the
+    allowed values that are surely mistakes. ``--lr`` lists are checked value by value."""
+    ranges = {**OPTION_RANGES, **methods.option_ranges()}
+    warnings = []
+    for key, allowed in ranges.items():
+        given = getattr(opts, "lrs" if key == "lr" else key, None)
+        values = given if isinstance(given, (list, tuple)) else [given]
+        for value in values:
+            if value is None:
+                continue
+            if allowed.problem(value) is not None:
+                raise OptionError(f"--{key} must be {allowed.text()}, got {value:g}")
+            if allowed.warn_at is not None and value == allowed.warn_at[0]:
+                warnings.append(f"--{key} {value:g}: {allowed.warn_at[1]}")
+    return warnings
+
+
+def _step_list(step):
+    """``opts.step`` as ``_steps`` gives it; an integer (the original's own scripts set
+    ``opts.step = 1`` after parsing) is that one step."""
+    if isinstance(step, bool) or not isinstance(step, (int, str, list, tuple)):
+        raise OptionError(f"invalid step {step!r}: give a step number, a list or 'all'")
+    if isinstance(step, (int, str)):
+        try:
+            return _steps(str(step))
+        except argparse.ArgumentTypeError as e:
+            raise OptionError(str(e))
+    return list(step)
+
+
 def _validate(opts, explicit):
     warnings = []
+    opts.step = _step_list(opts.step)
     # task and steps
     try:
         canonical = tasks.canonical_task(opts.dataset, opts.task)
@@ -369,16 +418,11 @@ def _validate(opts, explicit):
     opts.lrs = opts.lr
     opts.lr = lr_for_step(opts, opts.step)
 
-    # impossible numbers
-    for key, minimum in (("epochs", 1), ("batch_size", 1), ("crop_size", 16),
-                         ("val_interval", 1), ("ckpt_interval", 1), ("print_interval", 1),
-                         ("reg_iterations", 1), ("pooling", 1)):
-        if getattr(opts, key) < minimum:
-            raise OptionError(f"--{key} must be at least {minimum}, got {getattr(opts, key)}")
-    if opts.num_workers < 0:
-        raise OptionError("--num_workers must be 0 or more")
-    if opts.sample_num < 0:
-        raise OptionError("--sample_num must be 0 or more")
+    if len(opts.lrs) > n:
+        raise OptionError(f"--lr gives {len(opts.lrs)} values but task '{opts.task}' of "
+                          f"'{opts.dataset}' has {n} steps; give at most {n} (the last value "
+                          "repeats for the later steps)")
+    warnings += check_ranges(opts)
 
     # contradictions
     if opts.test and len(opts.steps) > 1:

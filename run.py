@@ -9,14 +9,17 @@ mistake ends with one line on stderr and exit code 1 (``--debug`` shows the trac
 work itself is in ``engine/``.
 """
 import copy
+import os
 import sys
 
 import torch
+from tqdm import tqdm
 
 import argparser
 from engine import run_step
 from utils import distributed
 from utils.errors import UserError
+from utils.run_lock import holding_run_folder
 
 
 def options_for_step(opts, step):
@@ -28,6 +31,18 @@ def options_for_step(opts, step):
         step_opts.ckpt = None
         step_opts.step_ckpt = None
     return step_opts
+
+
+def run_folder(opts):
+    """The log folder of the run (every step of it), which its lock guards."""
+    return os.path.normpath(os.path.join(opts.logdir, opts.task_name, opts.name))
+
+
+def close_progress_bars():
+    """Close the bars still open (an epoch or evaluation stopped half-way), so that the error
+    or Ctrl-C message starts on a line of its own."""
+    for bar in list(getattr(tqdm, "_instances", ())):   # made with the first bar
+        bar.close()
 
 
 def main(argv=None):
@@ -45,13 +60,17 @@ def main(argv=None):
             # fixed crop sizes: pick the fastest kernels once; with full-image evaluation
             # every new image size would start a new search
             torch.backends.cudnn.benchmark = opts.crop_val
-        for s in opts.steps:
-            run_step(options_for_step(opts, s), ctx)
+        with holding_run_folder(run_folder(opts), ctx.is_main, ctx.device,
+                                warn=lambda line: sys.stderr.write(f"warning: {line}\n")):
+            for s in opts.steps:
+                run_step(options_for_step(opts, s), ctx)
     except UserError as e:
+        close_progress_bars()
         if opts.debug:
             raise
         argparser.main_error(str(e))
     except KeyboardInterrupt:
+        close_progress_bars()
         sys.stderr.write("interrupted; rerun the same command to resume from the last "
                          "finished epoch\n")
         sys.exit(130)

@@ -45,6 +45,19 @@ class EpochResult:
         return (self.main, self.reg)[index]
 
 
+def format_seconds(seconds):
+    """``1:02:03`` (hours:minutes:seconds), as tqdm shows times."""
+    return tqdm.format_interval(max(seconds, 0.0))
+
+
+def step_speed(images, seconds, iterations_done, iterations_left):
+    """Images per second so far and the time left of the step's training at that pace,
+    for the progress bar and the log (as torchvision's reference scripts show them)."""
+    per_iteration = seconds / max(iterations_done, 1)
+    return {"img/s": f"{images / max(seconds, 1e-9):.1f}",
+            "step ETA": format_seconds(per_iteration * iterations_left)}
+
+
 class Trainer:
     """``Trainer(model, model_old, device, opts, trainer_state, classes)`` as in the original:
     the method's parts are assembled from the options unless ``method`` is given (the engine
@@ -71,6 +84,7 @@ class Trainer:
         self.channels_last = opts.channels_last == "on"
         self.skip_nonfinite = opts.skip_nonfinite
         self.progress = not opts.no_progress
+        self.epochs = opts.epochs           # for "epoch 1 of N" and the step's ETA
         self.skipped_batches = 0
         self.scaler_skipped_steps = 0
 
@@ -117,8 +131,8 @@ class Trainer:
         params = [p for p in unwrap(model).parameters() if p.requires_grad]
         forward_kwargs = method.model_kwargs()
 
-        bar = tqdm(total=n_iters, desc=f"epoch {cur_epoch + 1}", leave=False, dynamic_ncols=True,
-                   disable=not (self.progress and self.dist.is_main))
+        bar = tqdm(total=n_iters, desc=f"epoch {cur_epoch + 1} of {self.epochs}", leave=False,
+                   dynamic_ncols=True, disable=not (self.progress and self.dist.is_main))
         for cur_step, (images, labels) in enumerate(train_loader):
             batch = methods.Batch(*self.to_device(images, labels))
             images_seen += batch.images.shape[0]
@@ -169,11 +183,14 @@ class Trainer:
             if (cur_step + 1) % print_int == 0:
                 value = interval_loss.item() / print_int
                 lr = optim.param_groups[0]["lr"]
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+                speed = step_speed(images_seen, time.perf_counter() - start, cur_step + 1,
+                                   n_iters * (self.epochs - cur_epoch) - cur_step - 1)
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", **speed)
                 if logger is not None:
                     x = cur_epoch * n_iters + cur_step + 1
-                    logger.debug(f"Epoch {cur_epoch}, Batch {cur_step + 1}/{n_iters}, "
-                                 f"Loss={value}")
+                    logger.debug(f"epoch {cur_epoch + 1} of {self.epochs}, batch "
+                                 f"{cur_step + 1}/{n_iters}, Loss={value}, "
+                                 f"{speed['img/s']} images/s, step ETA {speed['step ETA']}")
                     logger.add_scalar("Loss", value, x)
                 interval_loss.zero_()
         bar.close()
@@ -190,7 +207,8 @@ class Trainer:
                              images=images_seen * self.dist.world_size,
                              seconds=time.perf_counter() - start)
         if logger is not None:
-            logger.info(f"Epoch {cur_epoch}, Class Loss={result.main}, Reg Loss={result.reg}")
+            logger.info(f"epoch {cur_epoch + 1} of {self.epochs}, Class Loss={result.main}, "
+                        f"Reg Loss={result.reg}")
         return result
 
     def _scale(self):
@@ -247,11 +265,11 @@ class Trainer:
             return
         if bool(ok.all()):
             raise NonFiniteLossError(f"the training loss is not finite on another process at "
-                                     f"epoch {epoch}, around iteration {step}")
+                                     f"epoch {epoch + 1}, around iteration {step}")
         first = step - len(flags) + 1 + int((~ok).nonzero()[0, 0])
         parts = self._parts_text(main, values, l_reg)
         raise NonFiniteLossError(
-            f"the training loss is not finite at epoch {epoch}, iteration {first} ({parts}); "
+            f"the training loss is not finite at epoch {epoch + 1}, iteration {first} ({parts}); "
             "lower --lr, use --amp off, or pass --skip_nonfinite to skip such batches")
 
     def _skip_batch(self, optim, scheduler, epoch, step, main, values, logger):
@@ -260,7 +278,7 @@ class Trainer:
         if scheduler is not None:
             scheduler.step()  # keep the schedule aligned with the iteration count
         if logger is not None:
-            logger.warning(f"skipped batch {step} of epoch {epoch}: non-finite loss "
+            logger.warning(f"skipped batch {step} of epoch {epoch + 1}: non-finite loss "
                            f"({self._parts_text(main, values, 0.0)})")
 
     def _parts_text(self, main, values, l_reg):

@@ -6,7 +6,7 @@ import logging
 import torch.utils.data as data
 
 from . import index_cache
-from .errors import IndexListError
+from .errors import IndexListError, SizeMismatchError
 from .io import open_image, open_mask
 from .remap import apply_lut, build_lut
 from .seeding import python_random_seeded, split_item
@@ -38,7 +38,15 @@ class SegmentationSplit(data.Dataset):
     def load(self, index):
         """(RGB image, raw mask) of entry ``index`` as PIL images."""
         img_path, mask_path = self.images[index]
-        return open_image(img_path), open_mask(mask_path)
+        img, mask = open_image(img_path), open_mask(mask_path)
+        if img.size != mask.size:
+            # the crops take their box from the image: a mask of another size would be cut
+            # out of line with it and train on wrong labels without a word
+            raise SizeMismatchError(
+                f"image {img_path} is {img.size[0]}x{img.size[1]} but its mask {mask_path} is "
+                f"{mask.size[0]}x{mask.size[1]}; give both the same size (or remove the pair "
+                f"from {self.split_name})")
+        return img, mask
 
     def __getitem__(self, index):
         img, mask = self.load(index)

@@ -38,6 +38,10 @@ class CorruptFileError(DatasetError):
     """An image or mask exists but cannot be decoded."""
 
 
+class SizeMismatchError(DatasetError):
+    """An image and its mask have different sizes."""
+
+
 class IndexListError(DatasetError):
     """A cached index list cannot be read or does not fit the split it is used with."""
 

@@ -88,15 +88,17 @@ def _warn_if_padded(loader, ctx):
 
 
 def test_phase(opts, ctx, classes, test_loader, n_classes, ckpt_path, logger,
-               val_results=None):
+               val_results=None, on_loaded=None):
     """The test phase: a fresh network loaded strictly from the step's checkpoint (or
     ``--ckpt``), evaluated in fp32 as the original tests outside apex AMP, so ``--test``
     reproduces the figures of the training run exactly. Returns (Evaluation, val_results
-    recorded in the checkpoint)."""
+    recorded in the checkpoint). ``on_loaded()`` is called once the checkpoint is loaded."""
     ckpt = load_trusted(ckpt_path, "checkpoint")
     check_checkpoint_fits(ckpt, ckpt_path, opts, classes, "checkpoint")
     model = make_network(opts, classes, pretrained=False)
     load_model_state(model, ckpt["model_state"], strict=True, source=f"checkpoint {ckpt_path}")
+    if on_loaded is not None:
+        on_loaded()
     recorded = (ckpt.get("resume_state") or {}).get("val_results") or val_results
     del ckpt
     model.to(ctx.device, memory_format=memory_format(opts))

@@ -2,7 +2,7 @@
 ``--val_interval`` epochs, write the step checkpoint after each validation (and every
 ``--ckpt_interval`` epochs, for resuming) and once more after the last epoch."""
 from metrics import StreamSegMetrics
-from train import NonFiniteLossError
+from train import NonFiniteLossError, format_seconds
 from utils import distributed
 from utils.checkpoint import atomic_torch_save, build_checkpoint, cuda_rng_state
 from utils.colormap import colormap, sample_panel
@@ -19,9 +19,10 @@ def train_epochs(opts, ctx, logger, events, trainer, models, data, ckpt_path, me
     val_metrics = StreamSegMetrics(data.n_classes)
     optimizer = models.optimizer
 
-    def save(epoch, score):
+    def save(epoch, score, note=None):
         """Rank 0 writes the checkpoint (with every process's CUDA RNG state); a failure
-        there stops every process."""
+        there stops every process. ``note``: the log line's reason (None: no line, the
+        file is written again at once)."""
         cuda_rng = distributed.all_gather_object(cuda_rng_state(ctx.device))
 
         def write():
@@ -29,26 +30,32 @@ def train_epochs(opts, ctx, logger, events, trainer, models, data, ckpt_path, me
                 epoch=epoch, model=models.model, optimizer=optimizer,
                 scheduler=models.scheduler, best_score=score, trainer=trainer, meta=meta,
                 val_results=val_results, cuda_rng_by_rank=cuda_rng), ckpt_path)
-            logger.info(f"[!] Checkpoint saved: {ckpt_path}")
+            if note is not None:
+                logger.info(f"[!] Checkpoint saved: {ckpt_path} ({note})")
         distributed.on_main(write)
 
     # the last good checkpoint: the file resumed from until this run writes its own
     last_saved = (resume_path, start_epoch - 1) if start_epoch > 0 else None
+    trained_s = 0.0
     for epoch in range(start_epoch, opts.epochs):
         lr = optimizer.param_groups[0]["lr"]
-        logger.info(f"=====> Epoch {epoch}, lr = {lr:.6f}")
+        logger.info(f"=====> epoch {epoch + 1} of {opts.epochs}, lr = {lr:.6f}")
         try:
             result = trainer.train(epoch, optimizer, data.train_loader,
                                    scheduler=models.scheduler, print_int=opts.print_interval,
                                    logger=logger)
         except NonFiniteLossError as e:
-            last = (f"last good checkpoint: {last_saved[0]} (after epoch {last_saved[1]})"
+            last = (f"last good checkpoint: {last_saved[0]} (after epoch {last_saved[1] + 1})"
                     if last_saved is not None else "no checkpoint of this step was written yet")
             raise NonFiniteLossError(f"{e}; {last}") from e
         total = result.main + result.reg
-        logger.info(f"End of Epoch {epoch}/{opts.epochs}, Average Loss={total}, "
+        trained_s += result.seconds
+        eta = format_seconds(trained_s / (epoch + 1 - start_epoch) * (opts.epochs - epoch - 1))
+        logger.info(f"end of epoch {epoch + 1} of {opts.epochs}, Average Loss={total}, "
                     f"Class Loss={result.main}, Reg Loss={result.reg} "
-                    f"({result.seconds:.1f} s)")
+                    f"({result.seconds:.1f} s, "
+                    f"{result.images / max(result.seconds, 1e-9):.1f} images/s, "
+                    f"step ETA {eta} of training)")
         logger.add_scalar("E-Loss", total, epoch)
         logger.add_scalar("E-Loss-reg", result.reg, epoch)
         logger.add_scalar("E-Loss-cls", result.main, epoch)
@@ -71,7 +78,7 @@ def train_epochs(opts, ctx, logger, events, trainer, models, data, ckpt_path, me
             val_loss, val_score = evaluation.loss, evaluation.score
             logger.info(f"Validation, Class Loss={val_loss[0]}, Reg Loss={val_loss[1]} "
                         "(only rank 0)")
-            logger.info(f"Done validation Epoch {epoch}")
+            logger.info(f"done validation, epoch {epoch + 1} of {opts.epochs}")
             logger.info(val_metrics.to_str(val_score))
             score = float(val_score["Mean IoU"])
             val_results = {"Class IoU": val_score["Class IoU"],
@@ -83,9 +90,10 @@ def train_epochs(opts, ctx, logger, events, trainer, models, data, ckpt_path, me
         if (epoch + 1) % opts.ckpt_interval == 0:
             save_now = True
         if save_now:
-            save(epoch, score)
+            last = epoch + 1 == opts.epochs   # written again just below: logged once, there
+            save(epoch, score, None if last else f"after epoch {epoch + 1} of {opts.epochs}")
             last_saved = (ckpt_path, epoch)
-    save(opts.epochs, best_score)
+    save(opts.epochs, best_score, "step finished")
     if trainer.skipped_batches:
         logger.warning(f"{trainer.skipped_batches} batches skipped for a non-finite loss")
     if trainer.scaler_skipped_steps:

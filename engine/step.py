@@ -11,15 +11,17 @@ import tasks
 from metrics import StreamSegMetrics
 from utils import distributed
 from utils.checkpoint import check_resumable, checkpoint_meta, load_trusted, restore_checkpoint
+from utils.errors import UserError
 from utils.events import EventLog
 from utils.logger import Logger
 from utils.manifest import Manifest
-from utils.results import class_iou_figure, load_results, write_results
+from utils.results import class_iou_figure, load_results, result_paths, write_results
 
 from . import build
 from .evaluate import test_phase
 from .loop import eval_figures, train_epochs
 from .plan import preflight, run_fingerprint, step_paths
+from .summary import print_summary
 
 
 def run_step(opts, ctx):
@@ -33,6 +35,9 @@ def run_step(opts, ctx):
             sys.stderr.write(f"INFO:rank0: step {opts.step} of {opts.task_name}/{opts.name} is "
                              f"already finished ({paths.ckpt}); skipping it "
                              "(--resume never trains it again)\n")
+            done = result_paths(os.path.join(paths.logdir, "results"), opts.step)[0]
+            if os.path.isfile(done):
+                print_summary(done)
         return None
     classes = tasks.get_per_task_classes(opts.dataset, opts.task, opts.step)
     fingerprint_now = run_fingerprint(opts, ctx.world_size)
@@ -41,6 +46,8 @@ def run_step(opts, ctx):
     prev_ckpt = None
     if plan != "test" and paths.prev is not None and os.path.isfile(paths.prev):
         prev_ckpt = load_trusted(paths.prev, "previous-step checkpoint")
+        if opts.step_ckpt is None:
+            manifest.check_previous_step(opts.step, paths.prev, prev_ckpt)
     resume_ckpt, resume_path = None, None
     if plan in ("ckpt", "auto"):
         resume_path = opts.ckpt if plan == "ckpt" else paths.ckpt
@@ -49,7 +56,8 @@ def run_step(opts, ctx):
             check_resumable(resume_ckpt, resume_path, fingerprint_now)
 
     logger = Logger(paths.logdir, rank=ctx.rank, debug=opts.debug, summary=opts.visualize,
-                    step=opts.step)
+                    step=opts.step, hold_file=True,    # log.txt: from logger.keep() on
+                    tag_prefix="Retest_" if plan == "test" else "")
     events = EventLog(paths.logdir, enabled=ctx.is_main)
     try:
         logger.info(f"Device: {ctx.device}, processes: {ctx.world_size}, "
@@ -75,7 +83,7 @@ def run_step(opts, ctx):
                 if plan == "ckpt" and opts.protocol == "plop":
                     start_epoch = 0   # PLOP's --ckpt restores the states, then trains anew (P19)
                 logger.info(f"[!] Model restored from {resume_path}; continuing at epoch "
-                            f"{start_epoch} of {opts.epochs}")
+                            f"{start_epoch + 1} of {opts.epochs}")
                 resume_ckpt = None
             if ctx.is_main:
                 logger.add_table("Opts", {k: v for k, v in vars(opts).items()
@@ -83,6 +91,7 @@ def run_step(opts, ctx):
             sample_ids = pick_sample_ids(opts, ctx, len(data.val_loader), logger)
             # the original prints a random tensor here; drawing it keeps the RNG stream
             logger.debug(f"Random tensor: {torch.randint(0, 100, (1, 1))}")
+            logger.keep()
             events.write("start", step=opts.step, method=opts.method, epochs=opts.epochs,
                          start_epoch=start_epoch, iterations=len(data.train_loader),
                          train_images=len(data.train), world_size=ctx.world_size,
@@ -95,7 +104,8 @@ def run_step(opts, ctx):
             test_path = paths.ckpt
             del trainer, models
         evaluation, val_results = test_phase(opts, ctx, classes, data.test_loader,
-                                             data.n_classes, test_path, logger, val_results)
+                                             data.n_classes, test_path, logger, val_results,
+                                             on_loaded=logger.keep)
         report_test(opts, logger, evaluation.score, val_results)
         events.write("eval", split="test", step=opts.step, epoch=None,
                      **eval_figures(evaluation))
@@ -107,6 +117,10 @@ def run_step(opts, ctx):
             distributed.on_main(lambda: manifest.mark_finished(
                 opts.step, paths.ckpt, summary, fingerprint=fingerprint_now))
         return evaluation.score
+    except (Exception, KeyboardInterrupt) as e:
+        logger.error("interrupted" if isinstance(e, KeyboardInterrupt) else
+                     f"error: {e}" if isinstance(e, UserError) else f"{type(e).__name__}: {e}")
+        raise
     finally:
         logger.close()    # also when a step fails half-way: detach its handlers
 
@@ -144,5 +158,6 @@ def report_test(opts, logger, results, val_results):
 def save_results(opts, logdir, results, logger):
     json_path, csv_path = write_results(logdir, opts, results)
     logger.info(f"Results written to {json_path} and {csv_path}")
+    print_summary(json_path)
     if logger.writer is not None:
         logger.add_figure("Test_Class_IoU_Bars", class_iou_figure(load_results(json_path)))

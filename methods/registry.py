@@ -6,6 +6,7 @@ A family module (``methods/lwf.py``, ...) declares:
 * ``parts(info)``: the parts active for the options ``info.opts`` of a step;
 * optionally ``add_arguments(parser)`` (its own command-line options),
   ``check_options(opts, explicit)`` (validation; returns warnings, raises ``OptionError``),
+  ``OPTION_RANGES`` (its numeric options' ``argparser.Range``),
   ``FINGERPRINT_KEYS`` (its options that change what a step trains) and ``STATE_KEYS``
   (its entries of the checkpoint's ``trainer_state``, present as ``None`` when inactive, as
   the original always writes ``{"regularizer": ...}``).
@@ -62,6 +63,13 @@ def check_options(opts, explicit):
         if hasattr(family, "check_options"):
             warnings += family.check_options(opts, explicit) or []
     return warnings
+
+
+def option_ranges():
+    """The numeric ranges of the families' own options (``OPTION_RANGES``, checked by the
+    command line with its own)."""
+    return {k: v for family in _FAMILIES for k, v in getattr(family, "OPTION_RANGES",
+                                                               {}).items()}
 
 
 def fingerprint_keys():

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from trainer_helpers import RecordingSGD, TinySegNet, batch, ce, grads_of
 
 import methods
 import run
 from argparser import build_options, parse_options
 from methods import registry
-from test_trainer_helpers import RecordingSGD, TinySegNet, batch, ce, grads_of
 from train import Trainer
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "adding_a_method.md"
@@ -78,9 +78,11 @@ def test_the_trainer_adds_the_declared_term_at_step1_only(l2d):
 
 
 @pytest.mark.slow
-def test_the_new_method_runs_end_to_end(l2d, synthetic_voc, tmp_path, monkeypatch):
+def test_the_new_method_runs_end_to_end(l2d, synthetic_voc, tmp_path, monkeypatch, request):
     monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)        # this test's own setting: the next test gets its own back
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     run.main(["--data_root", str(synthetic_voc), "--dataset", "voc", "--task", "15-5",
               "--step", "all", "--method", "L2D", "--name", "l2d", "--backbone", "resnet18",
               "--no_pretrained", "--crop_size", "32", "--batch_size", "4", "--epochs", "1",

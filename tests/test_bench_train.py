@@ -2,6 +2,7 @@
 would resolve, so each method does its extra work (old-model forward, distillation,
 regulariser update, penalty and its backward) in the timed iterations."""
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,8 +73,10 @@ def test_synthetic_batches_look_like_loader_batches():
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["MiB", "EWC"])
 def test_method_and_eval_measurements_report_time_and_memory(method):
+    started = time.perf_counter()
     r = bench_train.measure_method(method, warmup=1, iters=1, threads=1, **TINY)
-    assert r["method"] == method and r["seconds"] > 0 and r["peak_mib"] >= 0
+    # the measured iteration is a part of the call (warm-up and set-up come on top)
+    assert r["method"] == method and 0 < r["seconds"] < time.perf_counter() - started
     assert r["images_per_s"] == pytest.approx(2 / r["seconds"])
     e = bench_train.measure_eval(warmup=1, iters=2, threads=1, **TINY)
     assert e["seconds"] > 0 and e["batch"] == 2 and not e["channels_last"]

@@ -1,6 +1,13 @@
 """The losses reproduce the hand-computed test vectors: one batch of 5 pixels, 5 channels
 (background + 2 old classes + 2 new), an old model with 3 channels, labels with an old-class
-pixel and an ignored one."""
+pixel and an ignored one.
+
+Where the numbers come from: each expected value is the formula of the original MiB's loss
+(docs/behaviour.md §8) worked out by hand, in float64 to 10 digits, on the inputs below; no
+code of this project produced them, so they check the implementation independently. There is
+no script to regenerate them: to check one, evaluate its formula on these inputs (plain
+cross-entropy of a pixel, for instance, is logsumexp(z) - z[y]; the softmax of every pixel is
+the first step of most of them)."""
 import pytest
 import torch
 

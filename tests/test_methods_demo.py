@@ -45,7 +45,8 @@ def test_demo_prints_the_table_and_a_rerun_trains_nothing(tmp_path, monkeypatch,
         assert step1["method"] == name
         assert step1["opts"]["step_ckpt"].endswith("15-5-voc_step0-FT_0.pth")
         console = (out / "console" / f"{name}.txt").read_text()
-        assert console.startswith("python run.py ") and "Results written" in console
+        assert console.startswith(ex.command_text([]).rstrip()) and \
+            "Results written" in console
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished step was trained again")

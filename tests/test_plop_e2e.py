@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from test_run_e2e import free_port
+from test_run_e2e import STANDALONE
 
 from conftest import ROOT, run_entry
 
@@ -112,7 +112,7 @@ def test_a_killed_sequence_finishes_with_the_same_figures(sequence, synthetic_vo
     out = run_entry(args, tmp_path, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step 1 of 15-5s-voc/PLOP is already finished" in out.stderr
-    assert "continuing at epoch 1 of 2" in out.stderr
+    assert "continuing at epoch 2 of 2" in out.stderr
     for step in range(2, STEPS):
         assert results(tmp_path, step)["class_iou"] == results(workdir, step)["class_iou"], step
 
@@ -125,7 +125,7 @@ def test_two_processes_sum_the_histograms_and_train_a_step(sequence, synthetic_v
                               step0, "--sync_thresholds", "--epochs", "1", "--batch_size", "1"),
                     tmp_path, timeout=600,
                     launcher=["-m", "torch.distributed.run", "--nproc_per_node=2",
-                              f"--master_port={free_port()}"])
+                              STANDALONE])
     assert out.returncode == 0, out.stderr[-3000:]
     assert "processes: 2" in out.stderr and "PLOP thresholds of step 1" in out.stderr
     assert results(tmp_path, 1)["opts"]["sync_thresholds"] is True
@@ -141,7 +141,7 @@ def test_plop_protocol_restarts_epochs_after_ckpt_and_tests_the_step_checkpoint(
                               ckpt_dir / f"{TASK_NAME}_PLOP_1.pth"), tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     # PLOP's --ckpt restores the states and trains the epochs anew (this project: resumes)
-    assert "continuing at epoch 0 of 1" in out.stderr
+    assert "continuing at epoch 1 of 1" in out.stderr
     doc = json.loads((tmp_path / "logs" / TASK_NAME / "P19" / "results" /
                       "step-1.json").read_text())
     assert doc["opts"]["protocol"] == "plop"

@@ -1,8 +1,10 @@
 """PLOP's numerical core: local POD, entropy, median thresholds, pseudo-labels and the
 classification factor reproduce the values of PLOP's own functions (tests/data/plop_cases.json,
-one test id per value), one training iteration composed from these functions reproduces
-PLOP's iteration (docs/behaviour.md §15.6), gradients match finite differences, and
-each fix switch moves the number the way it should."""
+one test id per value; the values were produced by running PLOP's own code at the commit its
+"about" entry names, on the inputs stored beside them; the project carries no script that
+regenerates them, since that needs PLOP's code), one training iteration composed from these
+functions reproduces PLOP's iteration (docs/behaviour.md §15.6), gradients match finite
+differences, and each fix switch moves the number the way it should."""
 import functools
 import inspect
 import json

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from trainer_helpers import RecordingSGD, grads_of
 
 import methods
 from argparser import OptionError, build_options, parse_options
@@ -18,7 +19,6 @@ from methods.plop import (
     pseudo_label_targets,
 )
 from segmentation_module import make_model
-from test_trainer_helpers import RecordingSGD, grads_of
 from train import AMP_DTYPES, Trainer
 from utils.loss import PixelCrossEntropy
 

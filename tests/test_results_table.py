@@ -245,7 +245,7 @@ def test_plot_write_failure_keeps_the_previous_png(logs, tmp_path, capsys, monke
     monkeypatch.setattr(os, "replace", fail)
     code, _, err = run_tool([logs / "ov", "--plots", plots], capsys)
     monkeypatch.undo()
-    assert code == 1 and "No space left" in err
+    assert code == 1 and f"no space left in {plots}" in err
     assert target.read_bytes() == before
     assert not [f for f in os.listdir(plots) if f.startswith(".tmp")]
 

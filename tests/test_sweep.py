@@ -22,7 +22,8 @@ import pytest
 import tasks
 from conftest import ROOT
 from tools import sweep as sweep_cli
-from tools.sweeps import executors, lock, plan, spec
+from tools.sweeps import executors, plan, spec
+from utils import run_lock as lock
 from utils.events import read_events
 from utils.results import write_step_results
 
@@ -257,7 +258,7 @@ def dead_pid():
 
 
 def write_lock(folder, age=0.0, **owner):
-    path = folder / lock.LOCK_NAME
+    path = folder / lock.SWEEP_LOCK
     path.write_text(json.dumps({"token": "old", **owner}))
     os.utime(path, (time.time() - age, time.time() - age))
 
@@ -265,13 +266,13 @@ def write_lock(folder, age=0.0, **owner):
 def test_lock_is_exclusive_and_given_back(tmp_path):
     first, second = lock.RunLock(tmp_path), lock.RunLock(tmp_path)
     assert first.try_acquire()
-    owner = json.loads((tmp_path / lock.LOCK_NAME).read_text())
+    owner = json.loads((tmp_path / lock.SWEEP_LOCK).read_text())
     assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
     assert not second.try_acquire() and second.busy()["token"] == owner["token"]
     first.set_child(os.getpid())
-    assert json.loads((tmp_path / lock.LOCK_NAME).read_text())["child"] == os.getpid()
+    assert json.loads((tmp_path / lock.SWEEP_LOCK).read_text())["child"] == os.getpid()
     first.release()
-    assert not (tmp_path / lock.LOCK_NAME).exists() and second.try_acquire()
+    assert not (tmp_path / lock.SWEEP_LOCK).exists() and second.try_acquire()
     second.release()
 
 
@@ -513,7 +514,7 @@ def test_submitit_local_requeue_kill_failing_cell_and_debug_retry(tmp_path, smal
     proc, out, err = start_sweep(["run", path, "--executor", "local", "--jobs", "2"], tmp_path)
 
     def owner(folder):
-        path = folder / lock.LOCK_NAME
+        path = folder / lock.SWEEP_LOCK
         try:
             return json.loads(path.read_text())
         except (OSError, ValueError):
@@ -555,3 +556,21 @@ def test_submitit_local_requeue_kill_failing_cell_and_debug_retry(tmp_path, smal
     assert finished_steps(mib) == [1] and ft_console.stat().st_mtime_ns == before
     assert not list(logs.glob("*/sweep.lock"))
 
+
+
+def test_plan_commands_run_as_printed_from_any_folder(tmp_path, capsys):
+    """Issue 28, row 12: each printed command changes to the repository root and names this
+    interpreter; pasted into a shell elsewhere (here with --help added, so that it parses
+    every option and stops) it runs."""
+    path = write_sweep(tmp_path, GOOD + TINY)
+    code, out, _ = cli(["plan", path, "--commands"], capsys)
+    commands = [line.strip() for line in out.splitlines() if "run.py" in line]
+    assert code == 0 and commands
+    for command in commands:
+        assert command.startswith(f"cd {ROOT} && {sys.executable} run.py --")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = subprocess.run(["bash", "-c", commands[0] + " --help"], cwd=elsewhere,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "usage: run.py" in done.stdout

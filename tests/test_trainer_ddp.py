@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from test_trainer_helpers import (
+from trainer_helpers import (
     RecordingSGD,
     TinySegNet,
     batch,

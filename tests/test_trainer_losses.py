@@ -4,10 +4,7 @@ loss options, the gradient the optimiser receives and the returned loss parts eq
 terms written out from their formulas."""
 import pytest
 import torch
-
-from engine import evaluate
-from metrics import StreamSegMetrics
-from test_trainer_helpers import (
+from trainer_helpers import (
     RecordingSGD,
     TinySegNet,
     batch,
@@ -22,6 +19,9 @@ from test_trainer_helpers import (
     unbiased_ce,
     unbiased_kd,
 )
+
+from engine import evaluate
+from metrics import StreamSegMetrics
 from train import Trainer
 
 CPU = torch.device("cpu")

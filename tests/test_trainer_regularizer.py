@@ -4,9 +4,7 @@ gradient alone (before the penalty's, unscaled under an fp16 loss scaler); step 
 penalty; and one iteration runs in the original's order."""
 import pytest
 import torch
-
-from engine import evaluate
-from test_trainer_helpers import (
+from trainer_helpers import (
     RecordingSGD,
     TinySegNet,
     batch,
@@ -16,6 +14,8 @@ from test_trainer_helpers import (
     options,
     regularizer_of,
 )
+
+from engine import evaluate
 from train import Trainer
 from utils.scheduler import PolyLR
 

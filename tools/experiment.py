@@ -203,10 +203,12 @@ def plan(cfg, methods, seeds):
 
 
 def command_text(args, launcher=()):
-    """The command as a user would type it in the repository root (``launcher``: the
-    arguments between ``python`` and ``run.py``, e.g. ``-m torch.distributed.run ...``)."""
-    return " ".join(["python", *map(shlex.quote, launcher), "run.py",
-                     *map(shlex.quote, args)])
+    """The command as it runs, to paste into any shell in any folder: a ``cd`` to the
+    repository root (the run's relative paths are read from there) and this interpreter
+    (``launcher``: the arguments between the interpreter and ``run.py``, e.g.
+    ``-m torch.distributed.run ...``)."""
+    return " ".join(["cd", shlex.quote(ROOT), "&&", shlex.quote(sys.executable),
+                     *map(shlex.quote, launcher), "run.py", *map(shlex.quote, args)])
 
 
 def interrupt(proc):

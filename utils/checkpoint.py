@@ -10,11 +10,13 @@ keys, ``optimizer_state``, ``scheduler_state``, ``best_score``, ``trainer_state`
 move both ways between the original and this project, plus ``scaler_state``, ``meta`` (format
 tag, task, classes, epochs, the options' fingerprint) and ``resume_state`` (RNG states, the
 trainer's full state, the last validation figures) for an exact resume."""
+import errno
 import hashlib
 import json
 import logging
 import os
 import random
+import shutil
 import tempfile
 from collections import OrderedDict
 
@@ -42,6 +44,21 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, unreadable or belongs to another run."""
 
 
+def _disk_full(error):
+    """True when ``error`` or an exception it was raised from is ENOSPC."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _mib(size):
+    return f"{max(size, 0) / 2 ** 20:.1f} MiB"
+
+
 def _atomic_write(path, write):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -60,9 +77,22 @@ def _atomic_write(path, write):
         os.replace(tmp, path)
     except BaseException as e:
         try:
+            written = os.path.getsize(tmp)
             os.unlink(tmp)
         except OSError:
-            pass
+            written = 0
+        if _disk_full(e):
+            # torch.save's zip writer reports a full disk as "RuntimeError: unexpected pos"
+            # raised while handling the OSError: both mean the same to the user
+            # the previous file of the same name is the best guess of the size (the same
+            # network); else more than was written when the disk ran out
+            needed = f"about {_mib(os.path.getsize(path))} (the size of the previous file)" \
+                if os.path.isfile(path) else f"more than {_mib(written)}"
+            raise CheckpointError(
+                f"no space left in {folder} to write {os.path.basename(path)}, which needs "
+                f"{needed}; {_mib(shutil.disk_usage(folder).free)} free: free some space or "
+                "choose another folder, then rerun (the previous file, if any, is "
+                "untouched)") from e
         if isinstance(e, OSError):
             raise CheckpointError(f"cannot write {path}: {e.strerror or e}; "
                                   "the previous file, if any, is untouched") from e

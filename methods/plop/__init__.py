@@ -17,6 +17,7 @@ import logging
 
 from utils import distributed
 from utils.errors import OptionError
+from utils.option_range import Range
 
 from ..base import Method, Part, Term
 from .pod import PODError, _global_pod, _local_pod, _local_pod_masked, features_distillation
@@ -66,6 +67,12 @@ FINGERPRINT_KEYS = ("pod", "pod_factor", "pod_options", "pod_prepro", "no_pod_sc
                     "pod_deeplab_mask_factor", "deeplab_mask_downscale", "pseudo", "threshold",
                     "pseudo_nb_bins", "classif_adaptive_factor",
                     "classif_adaptive_min_factor") + tuple(FIX_OPTIONS)
+
+
+# numeric ranges of PLOP's options (checked by the command line, ``argparser.check_ranges``)
+OPTION_RANGES = {"pod_factor": Range(0), "pod_deeplab_mask_factor": Range(0),
+                 "spp_scales": Range(1), "threshold": Range(0, 1), "pseudo_nb_bins": Range(1),
+                 "classif_adaptive_min_factor": Range(0, 1)}
 
 
 def _json(value):

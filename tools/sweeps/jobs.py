@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from tools import experiment
 from utils.checkpoint import atomic_write_json, read_json
 from utils.manifest import Manifest
+from utils.run_lock import RunLock, describe
 
-from .lock import RunLock, describe
 from .plan import finished_steps, is_finished
 
 ATTEMPT_NAME = "sweep-run.json"

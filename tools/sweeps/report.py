@@ -9,9 +9,9 @@ import os
 
 from tools import results_table as rt
 from utils.checkpoint import atomic_write_text
+from utils.run_lock import RunLock, describe
 
 from .jobs import read_attempt
-from .lock import RunLock, describe
 from .plan import finished_steps, is_finished
 from .spec import SweepError, shown
 

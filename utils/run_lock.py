@@ -1,11 +1,15 @@
-"""A lock per run folder (``<run logdir>/sweep.lock``), so that two sweeps (or two jobs of
-one sweep resubmitted) that share a run never train it at the same time.
+"""A lock per run folder, so that two processes never write one run at the same time: the
+sweep tool holds ``sweep.lock`` of a run folder while it trains that run (a second sweep waits),
+and ``run.py`` holds ``run.lock`` of its run folder for the whole command (a second ``run.py``
+of the same run stops at once). One mechanism, two names: the sweep's ``run.py`` child takes
+its own ``run.lock`` while its parent holds ``sweep.lock``.
 
 The lock is a file created atomically (written under a name of its own, then hard-linked to
-``sweep.lock``, which fails when that exists) holding its owner: host, pid and
+the lock's name, which fails when that exists) holding its owner: host, pid and
 the pid's start time (a recycled pid is not taken for the owner), the ``run.py`` child it
 runs, the SLURM job id, and a random token. The owner refreshes the file's time every
-``HEARTBEAT_SECONDS``. A lock is *stale*, and taken over, when its owner is gone:
+``HEARTBEAT_SECONDS``. A lock is *stale*, and taken over, when its owner is gone (killed with
+SIGKILL, say):
 
 * on this host: neither the owner process nor its child is alive;
 * on another host, in a SLURM job of our own id: our job before SLURM requeued it here;
@@ -14,8 +18,9 @@ runs, the SLURM job id, and a random token. The owner refreshes the file's time 
 
 Taking over a stale lock is done under a second atomic marker (a ``.break`` folder): only one
 contender removes the stale file, and only if it still holds the token judged stale, so two
-sweeps finding the same stale lock cannot both take it.
+contenders finding the same stale lock cannot both take it.
 """
+import contextlib
 import json
 import os
 import socket
@@ -23,9 +28,14 @@ import threading
 import time
 import uuid
 
-from utils.checkpoint import atomic_write_json
+import torch
 
-LOCK_NAME = "sweep.lock"
+from utils import distributed
+from utils.checkpoint import atomic_write_json
+from utils.errors import RunError
+
+SWEEP_LOCK = "sweep.lock"
+RUN_LOCK = "run.lock"
 HEARTBEAT_SECONDS = 30
 STALE_SECONDS = 600
 BREAK_STALE_SECONDS = 60     # a .break marker older than this was left by a crash
@@ -70,9 +80,12 @@ def describe(owner):
 
 
 class RunLock:
-    def __init__(self, folder):
-        self.path = os.path.join(folder, LOCK_NAME)
+    """The lock ``name`` of run folder ``folder``."""
+
+    def __init__(self, folder, name=SWEEP_LOCK):
+        self.path = os.path.join(folder, name)
         self.owner = None            # our record while we hold the lock
+        self.taken_over = None       # the stale owner we took the lock from, if any
         self._beat = None
 
     # --- reading ------------------------------------------------------------------------------
@@ -117,6 +130,8 @@ class RunLock:
                     return False
                 if found is not None and not self._break(found[0]):
                     return False
+                if found is not None:
+                    self.taken_over = found[0]
                 continue
             self.owner = record
             self._start_heartbeat()
@@ -198,4 +213,61 @@ class RunLock:
                 if found is None or found[0].get("token") != token:
                     return          # taken from us (judged stale): nothing more to refresh
                 os.utime(self.path)
-        threading.Thread(target=beat, daemon=True, name="sweep-lock-heartbeat").start()
+        threading.Thread(target=beat, daemon=True, name="run-lock-heartbeat").start()
+
+
+class RunBusyError(RunError):
+    """Another process holds the run folder's lock."""
+
+
+@contextlib.contextmanager
+def holding_run_folder(folder, is_main=True, device=None, warn=None):
+    """Hold ``run.lock`` of ``folder`` (a run's log folder) for the ``with`` block, on the
+    main process; every process stops with ``RunBusyError`` when a live owner holds it. A
+    stale lock is taken over, and ``warn(line)`` says whose it was. The folders made for the
+    lock are removed again when nothing else was written into them."""
+    made = _missing_folders(folder)
+    lock = RunLock(folder, RUN_LOCK)
+    owner = None
+    if is_main:
+        try:
+            taken = lock.try_acquire()
+        except OSError as e:
+            raise RunError(f"cannot create {folder}: {e.strerror}; choose another folder "
+                           "(--logdir)")
+        owner = None if taken else (lock.busy() or {"pid": "?", "host": "?"})
+    if distributed.any_process(owner is not None, device or torch.device("cpu")):
+        _remove_empty(made)
+        if owner is None:
+            raise RunBusyError(f"run {folder} is in use by another process")
+        raise RunBusyError(f"run {folder} is in use by another run.py ({describe(owner)}); "
+                           "wait until it ends, or give another --name")
+    if lock.taken_over is not None and warn is not None:
+        warn(f"took over the lock of run {folder} from {describe(lock.taken_over)}, "
+             "which is no longer running")
+    try:
+        yield lock
+    finally:
+        lock.release()
+        _remove_empty(made)
+
+
+def _missing_folders(folder):
+    """``folder`` and its parents that do not exist yet, deepest first."""
+    missing = []
+    folder = os.path.abspath(folder)
+    while folder and not os.path.exists(folder):
+        missing.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return missing
+
+
+def _remove_empty(folders):
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return          # not empty (or gone): the run wrote something there

@@ -1,5 +1,6 @@
-"""Shared by the test_trainer_* files (no tests here): a tiny stand-in for the segmentation
-network, options from the real command line, a gradient-recording optimiser, and the loss
+"""Shared by the test_trainer_* files (a helper module: no tests here, hence its name without
+``test_``): a tiny stand-in for the segmentation network, options from the real command
+line, a gradient-recording optimiser, and the loss
 terms of docs/behaviour.md §8 written out directly from their formulas (independently of
 utils.loss) to check what the Trainer composes."""
 import torch
