@@ -8,7 +8,7 @@ import torch
 from test_trainer_regularizer import NEW, OLD, previous_state
 
 from engine.build import sgd_kernel
-from test_trainer_helpers import TinySegNet, batch, options, regularizer_of
+from trainer_helpers import TinySegNet, batch, options, regularizer_of
 from train import NonFiniteLossError, Trainer
 
 CPU = torch.device("cpu")
