@@ -62,7 +62,7 @@ def test_a_non_finite_loss_stops_an_fp16_run_too():
     images, labels = batch(0, CLASSES)
     images[0, 0, 0, 0] = float("nan")
     optim = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(NonFiniteLossError, match="not finite at epoch 0, iteration 0"):
+    with pytest.raises(NonFiniteLossError, match="not finite at epoch 1, iteration 0"):
         trainer.train(0, optim, [(images, labels)])
 
 
