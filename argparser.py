@@ -15,6 +15,7 @@ import os
 import sys
 
 import methods
+import task_file
 import tasks
 from utils.errors import OptionError  # noqa: F401  (argparser.OptionError, as before)
 
@@ -154,8 +155,12 @@ def get_argparser():
                         "instead of training them as background")
 
     g = p.add_argument_group("task")
-    g.add_argument("--task", type=str, default="19-1", choices=tasks.get_task_list(),
-                   metavar="TASK", help=f"task split: {', '.join(tasks.get_task_list())}")
+    g.add_argument("--task", type=str, default="19-1", metavar="TASK",
+                   help=f"task split: {', '.join(tasks.get_task_list())}, or one of "
+                        "--task_file")
+    g.add_argument("--task_file", type=str, default=None, metavar="FILE",
+                   help="[new] JSON or TOML file of task splits (dataset -> task -> step -> "
+                        "labels), checked like the built-in ones (docs/tasks.md)")
     g.add_argument("--class_order", type=int, default=0,
                    help="[new] 0: the task's order of classes; k > 0 (VOC): the classes 1-20 "
                         "in the random order drawn with seed k, background first (index lists "
@@ -342,6 +347,8 @@ def _validate(opts, explicit):
     warnings = []
     # task and steps
     try:
+        if getattr(opts, "task_file", None):
+            task_file.load_task_file(opts.task_file)
         canonical = tasks.canonical_task(opts.dataset, opts.task)
     except tasks.TaskError as e:
         raise OptionError(str(e))
