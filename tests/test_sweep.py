@@ -467,12 +467,18 @@ def test_issue_sweep_status_table_and_a_rerun_that_trains_nothing(issue_sweep):
     assert "cells: 12 finished" in status and "step-0 runs: 4 finished" in status
     code, table, err = call(["table", path])
     assert code == 0, err
-    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    miou, cost = table.split("Table: cost")
+    lines = [line for line in miou.splitlines() if line.startswith("| ")]
     assert "VOC 15-5 overlapped · hIoU" in lines[0] and "VOC 15-5s overlapped · avg" in lines[0]
     assert [line.split("|")[1].strip() for line in lines[1:]] == ["FT", "LWF", "MiB"]
     assert all(line.count("±") == 10 for line in lines[1:])
     assert "background" in table
-    for name in ("table.md", "table.csv", "table.tex", "miou_all_voc_15-5_overlapped.png",
+    # the cost table: each method's steps and sequences, every step with its cost
+    cost_rows = [line.split("|") for line in cost.splitlines() if line.startswith("| ")][1:]
+    assert {r[1].strip() for r in cost_rows} == {"FT", "LWF", "MiB"}
+    assert all("–" not in r[4] for r in cost_rows)        # training time of every line
+    for name in ("table.md", "table.csv", "table.tex", "cost.md",
+                 "miou_all_voc_15-5_overlapped.png",
                  "miou_all_voc_15-5s_overlapped.png"):
         assert (folder / "runs" / "tables" / name).is_file(), name
     code, again, _ = call(["run", path])

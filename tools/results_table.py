@@ -2,7 +2,7 @@
 
     python tools/results_table.py LOGDIR [LOGDIR ...] [--step N] [--group-by name|method]
         [--old-with-bg | --old-without-bg] [--hiou] [--markdown PATH] [--csv PATH]
-        [--latex PATH] [--plots DIR] [--run PATH]
+        [--latex PATH] [--plots DIR] [--run PATH] [--cost]
 
 Every ``results/step-<N>.json`` below the given folders is read (files can be named directly
 too). One *run* is one ``results`` folder (one ``--name`` of one task). Runs are grouped:
@@ -24,6 +24,9 @@ mean of old and new (``hIoU``, computed per run, then averaged). Figures are per
 one decimal in Markdown and LaTeX (``booktabs``, the best mean of each column in bold); the
 CSV has the same layout with the unrounded mean, the std and the number of runs in separate
 columns.
+
+``--cost`` adds the cost table (``tools/cost_table.py``): parameters, training time, images
+per second and peak memory of every step and of the whole sequence.
 
 ``tools/sweep.py table`` builds its tables with these functions (its rows are the sweep's
 method entries: ``group_by`` may be a function of a run).
@@ -529,6 +532,9 @@ def get_parser():
     p.add_argument("--run", metavar="PATH",
                    help="one run's step-<N>.json (or its results folder) for per-class IoU "
                         "bars (into --plots DIR, else beside the file)")
+    p.add_argument("--cost", action="store_true",
+                   help="also print the cost table: parameters, training time, images/s and "
+                        "peak memory per step and per sequence (into --markdown too)")
     return p
 
 
@@ -545,6 +551,10 @@ def main(argv=None):
                                 WITH_HIOU if args.hiou else METRICS)
             text = caption(table, args.with_bg, args.group_by)
             markdown = to_markdown(table, text)
+            if args.cost:
+                from tools.cost_table import cost_lines
+                from tools.cost_table import to_markdown as cost_markdown
+                markdown += "\n" + cost_markdown(cost_lines(runs, args.group_by))
             sys.stdout.write(markdown)
             for note in table.notes:
                 sys.stderr.write(f"note: {note}\n")
