@@ -17,6 +17,7 @@ import sys
 import methods
 import task_file
 import tasks
+from dataset.errors import DatasetLayoutError
 from utils.errors import OptionError  # noqa: F401  (argparser.OptionError, as before)
 
 # Method presets, declared by the methods (``methods/``), applied after parsing: they
@@ -124,7 +125,8 @@ def get_argparser():
     g = p.add_argument_group("data")
     g.add_argument("--data_root", type=str, default="data",
                    help="folder that holds PascalVOC12/ or ADEChallengeData2016/")
-    g.add_argument("--dataset", type=str, default="voc", choices=["voc", "ade"], help="dataset")
+    g.add_argument("--dataset", type=str, default="voc", choices=["voc", "ade", "folder"],
+                   help="dataset; folder: your own data in the layout of docs/custom_data.md")
     g.add_argument("--num_classes", type=int, default=None,
                    help="ignored: derived from --dataset (as in the original)")
     g.add_argument("--index_dir", type=str, default="data",
@@ -327,7 +329,8 @@ def apply_method_preset(opts, explicit=frozenset()):
 
 def _derive(opts):
     """Derived options of the original (docs/behaviour.md §2.4)."""
-    opts.num_classes = {"voc": 21, "ade": 150}[opts.dataset]
+    opts.num_classes = {"voc": 21, "ade": 150}.get(opts.dataset,
+                                                   tasks.NUM_LABELS.get(opts.dataset))
     if not opts.visualize:
         opts.sample_num = 0
     opts.no_overlap = not opts.overlap
@@ -347,10 +350,13 @@ def _validate(opts, explicit):
     warnings = []
     # task and steps
     try:
+        if opts.dataset == "folder":
+            from dataset.folder import read_class_names
+            tasks.add_dataset("folder", read_class_names(opts.data_root))
         if getattr(opts, "task_file", None):
             task_file.load_task_file(opts.task_file)
         canonical = tasks.canonical_task(opts.dataset, opts.task)
-    except tasks.TaskError as e:
+    except (tasks.TaskError, DatasetLayoutError) as e:
         raise OptionError(str(e))
     if canonical != opts.task:
         warnings.append(f"task '{opts.task}' is the paper's name of '{canonical}'; "

@@ -314,12 +314,18 @@ BUILT_IN = {dataset: set(table) for dataset, table in TASKS.items()}
 
 
 def add_dataset(dataset, class_names):
-    """Make a dataset whose labels are 0..len(class_names)-1 known (no tasks yet; they come
-    from a task file)."""
+    """Make a dataset whose labels are 0..len(class_names)-1 known, with its task
+    ``offline`` (every label in step 0, joint training); other tasks come from a task
+    file. Called again with other names (another data root) it starts afresh."""
+    if CLASS_NAMES.get(dataset) != list(class_names):
+        TASKS[dataset] = {}
     TASKS.setdefault(dataset, {})
     ALIASES.setdefault(dataset, {})
     CLASS_NAMES[dataset] = list(class_names)
     NUM_LABELS[dataset] = len(class_names)
+    TASKS[dataset]["offline"] = check_task(dataset, "offline", {0: span(0, len(class_names) - 1)},
+                                           len(class_names))
+    BUILT_IN[dataset] = {"offline"}
 
 
 def add_task(dataset, name, steps, where):
