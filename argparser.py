@@ -218,6 +218,13 @@ def get_argparser():
     g.add_argument("--epochs", type=int, default=30, help="epochs of this step")
     g.add_argument("--batch_size", type=int, default=4,
                    help="batch size PER PROCESS (total = batch_size x processes)")
+    g.add_argument("--accumulate", type=int, default=1, metavar="K",
+                   help="[new] gradient accumulation: K batches per optimiser step (total "
+                        "batch = batch_size x processes x K; BatchNorm statistics stay per "
+                        "batch)")
+    g.add_argument("--total_batch", type=int, default=None, metavar="N",
+                   help="[new] the total batch per optimiser step: sets --accumulate to "
+                        "N / (batch_size x processes), which must divide exactly")
     g.add_argument("--lr", type=_floats, default="0.007",
                    help="learning rate; [new] a list gives one value per task step "
                         "(0.01,0.001: step 0 at 0.01, later steps at 0.001)")
@@ -346,6 +353,26 @@ def lr_for_step(opts, step):
     return opts.lrs[min(step, len(opts.lrs) - 1)]
 
 
+def _resolve_accumulation(opts, explicit):
+    """--accumulate from --total_batch and the process count (WORLD_SIZE of the launcher)."""
+    if opts.accumulate < 1:
+        raise OptionError(f"--accumulate must be at least 1, got {opts.accumulate}")
+    if opts.total_batch is None:
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    per_step = opts.batch_size * world
+    if opts.total_batch < per_step or opts.total_batch % per_step:
+        raise OptionError(f"--total_batch {opts.total_batch} is not a multiple of --batch_size "
+                          f"{opts.batch_size} x {world} process(es) = {per_step}; pick a "
+                          "multiple or change --batch_size")
+    k = opts.total_batch // per_step
+    if "accumulate" in explicit and opts.accumulate != k:
+        raise OptionError(f"--accumulate {opts.accumulate} and --total_batch "
+                          f"{opts.total_batch} disagree ({opts.total_batch} = {opts.batch_size} "
+                          f"x {world} x {k}); give one of them")
+    opts.accumulate = k
+
+
 def _validate(opts, explicit):
     warnings = []
     # task and steps
@@ -388,6 +415,7 @@ def _validate(opts, explicit):
                          ("reg_iterations", 1), ("pooling", 1)):
         if getattr(opts, key) < minimum:
             raise OptionError(f"--{key} must be at least {minimum}, got {getattr(opts, key)}")
+    _resolve_accumulation(opts, explicit)
     if opts.num_workers < 0:
         raise OptionError("--num_workers must be 0 or more")
     if opts.sample_num < 0:

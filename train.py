@@ -44,6 +44,20 @@ class EpochResult:
         return (self.main, self.reg)[index]
 
 
+def micro_batch_group(index, n_iters, accumulate):
+    """(size of the group of micro-batches ``index`` belongs to, is it the group's first,
+    is it its last): groups of ``accumulate`` consecutive batches, the epoch's last group
+    holding what is left."""
+    start = index - index % accumulate
+    size = min(accumulate, n_iters - start)
+    return size, index == start, index == start + size - 1
+
+
+def optimizer_steps(n_iters, accumulate):
+    """Optimiser steps of an epoch of ``n_iters`` micro-batches (the poly schedule's unit)."""
+    return -(-n_iters // accumulate)
+
+
 class Trainer:
     """``Trainer(model, model_old, device, opts, trainer_state, classes)`` as in the original:
     the method's parts are assembled from the options unless ``method`` is given (the engine
@@ -72,6 +86,8 @@ class Trainer:
         self.progress = not opts.no_progress
         self.skipped_batches = 0
         self.scaler_skipped_steps = 0
+        # --accumulate K: K micro-batches per optimiser step (docs/accumulation.md)
+        self.accumulate = getattr(opts, "accumulate", 1)
 
     # --- helpers --------------------------------------------------------------------------
     def autocast(self):
@@ -118,12 +134,15 @@ class Trainer:
         bar = tqdm(total=n_iters, desc=f"epoch {cur_epoch + 1}", leave=False, dynamic_ncols=True,
                    disable=not (self.progress and self.dist.is_main))
         for cur_step, (images, labels) in enumerate(train_loader):
+            # micro-batches of one optimiser step: K of them, the epoch's last group fewer
+            group, first, last = micro_batch_group(cur_step, n_iters, self.accumulate)
             batch = methods.Batch(*self.to_device(images, labels))
             images_seen += batch.images.shape[0]
             self._old_forward(batch)
             with torch.no_grad():
                 method.rewrite_targets(batch)
-            optim.zero_grad(set_to_none=True)
+            if first:
+                optim.zero_grad(set_to_none=True)
             with self.autocast():
                 batch.outputs, batch.features = model(batch.images, **forward_kwargs)
             main = method.main(batch)
@@ -133,21 +152,26 @@ class Trainer:
                 total = total + term.weight * value
             if self.skip_nonfinite and distributed.any_process(not bool(torch.isfinite(total)),
                                                                device):
-                self._skip_batch(optim, scheduler, cur_epoch, cur_step, main, values, logger)
+                self._skip_batch(optim, scheduler if last else None, cur_epoch, cur_step, main,
+                                 values, logger)
                 bar.update(1)
                 continue
-            self.scaler.scale(total).backward()
+            # the mean over the group's micro-batches: the large batch's gradient
+            with self._no_sync(model, last):
+                self.scaler.scale(total if group == 1 else total / group).backward()
 
-            penalties = self._penalties(optim, params)
-            l_reg = sum((w for _, w in penalties), 0.0)
+            penalties, l_reg = [], 0.0
+            if last:        # the optimiser step, once per group of micro-batches
+                penalties = self._penalties(optim, params)
+                l_reg = sum((w for _, w in penalties), 0.0)
 
-            scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
-            self.scaler.step(optim)
-            self.scaler.update()
-            if scale_before is not None and self.scaler.get_scale() < scale_before:
-                self.scaler_skipped_steps += 1
-            if scheduler is not None:
-                scheduler.step()
+                scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+                self.scaler.step(optim)
+                self.scaler.update()
+                if scale_before is not None and self.scaler.get_scale() < scale_before:
+                    self.scaler_skipped_steps += 1
+                if scheduler is not None:
+                    scheduler.step()
 
             step_total = (total + l_reg).detach()
             if not self.scaler.is_enabled() and not self.skip_nonfinite:
@@ -188,6 +212,13 @@ class Trainer:
         if logger is not None:
             logger.info(f"Epoch {cur_epoch}, Class Loss={result.main}, Reg Loss={result.reg}")
         return result
+
+    @staticmethod
+    def _no_sync(model, last):
+        """DDP all-reduces the gradients at the group's last micro-batch only."""
+        if last or not hasattr(model, "no_sync"):
+            return contextlib.nullcontext()
+        return model.no_sync()
 
     def _penalties(self, optim, params):
         """Update every penalty after the task backward (true, unscaled gradients), then

@@ -1,4 +1,5 @@
-"""Cost in the result files: parameters, training time, throughput, peak memory, device."""
+"""Cost in the result files: parameters, training time, throughput, peak memory, device and
+the effective batch (the run accumulates 2 batches per optimiser step)."""
 import json
 
 import pytest
@@ -39,7 +40,7 @@ def test_count_parameters_splits_frozen_ones():
 
 def test_result_files_carry_the_cost_of_each_step(synthetic_voc, workdir):
     args = ["--data_root", synthetic_voc, "--dataset", "voc", "--task", "15-5", *TINY,
-            "--name", "cost"]
+            "--name", "cost", "--accumulate", "2"]
     run_here(args + ["--step", "0,1"])
     docs = [json.loads((workdir / f"logs/15-5-voc/cost/results/step-{s}.json").read_text())
             for s in (0, 1)]
@@ -60,6 +61,7 @@ def test_result_files_carry_the_cost_of_each_step(synthetic_voc, workdir):
         assert cost["peak_rss_mib"] >= size_mib
         assert cost["device"] == "cpu" and cost["peak_cuda_mib"] is None
         assert cost["rss_scope"] in ("step", "process")
+        assert (cost["batch_per_process"], cost["accumulate"], cost["total_batch"]) == (4, 2, 8)
     # step 1 has more output channels: more parameters than step 0
     assert docs[1]["cost"]["params_total"] > docs[0]["cost"]["params_total"]
     # a --test rerun rewrites the figures and keeps the training cost

@@ -14,7 +14,8 @@ def cost_record(step, seed):
             "train_images": 600 * (step + 1), "images_per_s": 10.0 / seed, "epochs_timed": 1,
             "peak_rss_mib": 1024.0 * (2 - step), "rss_scope": "step",
             "peak_cuda_mib": 2048.0 * (step + 1), "device": "cuda:0",
-            "device_name": "Some GPU", "world_size": 2}
+            "device_name": "Some GPU", "world_size": 2, "batch_per_process": 6,
+            "accumulate": 2, "total_batch": 24}
 
 
 def write(root, name, seed, step, cost=True):
@@ -53,6 +54,7 @@ def test_cost_per_step_and_sequence(tmp_path, capsys):
     assert seq[col["peak RSS (GiB)"]] == "2.00" and seq[col["peak CUDA (GiB)"]] == "4.00"
     assert seq[col["trainable (M)"]] == "2.00" and seq[col["runs"]] == "2"
     assert step0[col["device x processes"]] == "Some GPU x2"
+    assert seq[col["batch"]] == "24 = 6x2x2"
 
 
 def test_a_step_without_cost_shows_a_dash_and_no_sequence_time(tmp_path, capsys):

@@ -5,7 +5,8 @@ sequence, from the ``cost`` record of the result files (``utils/cost.py``): trai
 total parameters (millions, at that step; the sequence line: its last step), training time
 (minutes; the sequence: the sum over its steps), images per second per process (the
 sequence: all images over all time), peak host RSS and peak CUDA memory (GiB; the sequence:
-the highest step), the device and the number of processes. Several runs of a row (seeds,
+the highest step), the device and the number of processes, and the batch of one optimiser
+step (``total = per process x processes x accumulated``). Several runs of a row (seeds,
 class orders) are averaged; a step without a cost record (written before costs were
 recorded) shows ``–``, and a sequence with such a step has no ``all`` time.
 """
@@ -51,6 +52,17 @@ def sequence_figures(run, last):
             "peak CUDA (GiB)": max(cuda) if cuda else None}
 
 
+def _batch(runs, steps):
+    found = set()
+    for run in runs:
+        for s in steps:
+            cost = (run.docs.get(s) or {}).get("cost")
+            if cost and cost.get("total_batch"):
+                found.add(f"{cost['total_batch']} = {cost['batch_per_process']}x"
+                          f"{cost.get('world_size', 1)}x{cost.get('accumulate', 1)}")
+    return ", ".join(sorted(found)) or MISSING
+
+
 def _device(runs, steps):
     names = set()
     for run in runs:
@@ -63,7 +75,7 @@ def _device(runs, steps):
 
 
 def cost_lines(runs, group_by="name", row_key=row_sort_key):
-    """[(row, setting label, step or 'all', {column: mean or None}, device, runs)]."""
+    """[(row, setting label, step or 'all', {column: mean or None}, device, batch, runs)]."""
     lines = []
     for setting, by_row in group_runs(runs, group_by, row_key).items():
         for row, row_runs in by_row.items():
@@ -73,11 +85,13 @@ def cost_lines(runs, group_by="name", row_key=row_sort_key):
                 figures = [f for f in figures if f is not None]
                 lines.append((row, setting.label, str(step),
                               {c: _mean([f[c] for f in figures]) for c in COLUMNS},
-                              _device(row_runs, [step]), len(figures)))
+                              _device(row_runs, [step]), _batch(row_runs, [step]),
+                              len(figures)))
             seq = [f for f in (sequence_figures(r, last) for r in row_runs) if f is not None]
             lines.append((row, setting.label, "all",
                           {c: _mean([f[c] for f in seq]) for c in COLUMNS},
-                          _device(row_runs, range(last + 1)), len(seq)))
+                          _device(row_runs, range(last + 1)), _batch(row_runs, range(last + 1)),
+                          len(seq)))
     return lines
 
 
@@ -92,9 +106,9 @@ def _text(column, value):
 
 
 def to_markdown(lines):
-    header = ["method", "setting", "step", *COLUMNS, "device x processes", "runs"]
-    body = [[row, label, step, *(_text(c, figures[c]) for c in COLUMNS), device, str(n)]
-            for row, label, step, figures, device, n in lines]
+    header = ["method", "setting", "step", *COLUMNS, "device x processes", "batch", "runs"]
+    body = [[row, label, step, *(_text(c, figures[c]) for c in COLUMNS), device, batch, str(n)]
+            for row, label, step, figures, device, batch, n in lines]
     widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
 
     def line(cells):
@@ -104,5 +118,6 @@ def to_markdown(lines):
                           for i, w in enumerate(widths)) + "|"
     caption = ("Table: cost per step and for the whole sequence (step 'all': time summed, "
                "memory the highest step, parameters of the last step); img/s per process; "
+               "batch = total per optimiser step = per process x processes x accumulated; "
                "mean over the runs of a row.")
     return "\n".join([caption, "", line(header), rule] + [line(r) for r in body]) + "\n"

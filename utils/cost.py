@@ -14,7 +14,9 @@ epoch's images and seconds, and gives the ``cost`` record of the result files:
   ``step``; ``process`` where the peak cannot be reset: then since the process started;
   DataLoader workers are other processes and not counted); ``peak_cuda_mib``: the CUDA
   allocator's peak during the step (None without a GPU);
-* ``device``, ``device_name``, ``world_size``.
+* ``device``, ``device_name``, ``world_size``;
+* ``batch_per_process``, ``accumulate`` (batches per optimiser step) and ``total_batch``
+  (their product with ``world_size``: the batch of one optimiser step).
 """
 import platform
 import resource
@@ -64,9 +66,11 @@ def device_name(device):
 
 
 class StepCost:
-    def __init__(self, model, device, world_size=1):
+    def __init__(self, model, device, world_size=1, batch_size=None, accumulate=1):
         self.device = device
         self.world_size = world_size
+        self.batch_size = batch_size
+        self.accumulate = accumulate
         self.params_trainable, self.params_total = count_parameters(model)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -108,4 +112,8 @@ class StepCost:
             "device": str(self.device),
             "device_name": device_name(self.device),
             "world_size": self.world_size,
+            "batch_per_process": self.batch_size,
+            "accumulate": self.accumulate,
+            "total_batch": (None if self.batch_size is None
+                            else self.batch_size * self.world_size * self.accumulate),
         }
