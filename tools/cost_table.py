@@ -3,7 +3,7 @@
 One line per (row, setting, step) and one ``all`` line per (row, setting) for the whole
 sequence, from the ``cost`` record of the result files (``utils/cost.py``): trainable and
 total parameters (millions, at that step; the sequence line: its last step), training time
-(minutes; the sequence: the sum over its steps), images per second per process (the
+(minutes; the sequence: the sum over its steps), images per second of all processes (the
 sequence: all images over all time), peak host RSS and peak CUDA memory (GiB; the sequence:
 the highest step), the device and the number of processes, and the batch of one optimiser
 step (``total = per process x processes x accumulated``). Several runs of a row (seeds,
@@ -117,7 +117,7 @@ def to_markdown(lines):
     rule = "|" + "|".join("-" * (w + 2) if i in (0, 1, 9) else "-" * (w + 1) + ":"
                           for i, w in enumerate(widths)) + "|"
     caption = ("Table: cost per step and for the whole sequence (step 'all': time summed, "
-               "memory the highest step, parameters of the last step); img/s per process; "
+               "memory the highest step, parameters of the last step); img/s of all processes; "
                "batch = total per optimiser step = per process x processes x accumulated; "
                "mean over the runs of a row.")
     return "\n".join([caption, "", line(header), rule] + [line(r) for r in body]) + "\n"

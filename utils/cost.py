@@ -8,7 +8,7 @@ epoch's images and seconds, and gives the ``cost`` record of the result files:
   without ``requires_grad``), the old model of a continual step not counted;
 * ``train_seconds``: the training epochs' wall time (validation and checkpoints not counted),
   ``step_seconds``: the whole training phase's wall time, ``train_images`` and
-  ``images_per_s`` (= train_images / train_seconds, this process's images: per process);
+  ``images_per_s`` (= train_images / train_seconds; the images of all processes);
 * ``epochs_timed``: epochs run by this process (fewer than ``--epochs`` after a resume);
 * ``peak_rss_mib``: the process's peak resident size during the step (``rss_scope``
   ``step``; ``process`` where the peak cannot be reset: then since the process started;
