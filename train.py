@@ -87,7 +87,7 @@ class Trainer:
         self.skipped_batches = 0
         self.scaler_skipped_steps = 0
         # --accumulate K: K micro-batches per optimiser step (docs/accumulation.md)
-        self.accumulate = getattr(opts, "accumulate", 1)
+        self.accumulate = opts.accumulate
 
     # --- helpers --------------------------------------------------------------------------
     def autocast(self):

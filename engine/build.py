@@ -138,7 +138,7 @@ def build_models(opts, ctx, classes, data, method, logger, prev_ckpt=None, prev_
         model_old.to(device, memory_format=memory_format(opts))
     optimizer = make_optimizer(model, opts)
     # the poly schedule counts optimiser steps (--accumulate K: one per K batches)
-    n_steps = opts.epochs * optimizer_steps(len(data.train_loader), getattr(opts, "accumulate", 1))
+    n_steps = opts.epochs * optimizer_steps(len(data.train_loader), opts.accumulate)
     scheduler = make_scheduler(optimizer, opts.lr_policy, n_steps,
                                power=opts.lr_power, decay_step=opts.lr_decay_step,
                                decay_factor=opts.lr_decay_factor)

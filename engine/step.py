@@ -69,7 +69,7 @@ def run_step(opts, ctx):
             del prev_ckpt
             trainer = build.build_trainer(opts, ctx, classes, models, method, logger)
             cost = StepCost(models.model, ctx.device, ctx.world_size, opts.batch_size,
-                            getattr(opts, "accumulate", 1))
+                            opts.accumulate)
             start_epoch, best_score = 0, 0.0
             if resume_ckpt is not None:
                 start_epoch, best_score, val_results = restore_checkpoint(
