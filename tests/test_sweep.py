@@ -219,7 +219,8 @@ def test_table_maths_over_seeds_and_orders(tmp_path, capsys):
     code, out, err = cli(["table", path], capsys)
     assert code == 0, err
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]]
-            for line in out.splitlines() if line.startswith("| ") and "method" not in line}
+            for line in out.split("Table: cost")[0].splitlines()
+            if line.startswith("| ") and "method" not in line}
     assert list(rows) == ["MiB", "FT"]               # the order of the sweep file
 
     def stat(values):
@@ -561,3 +562,21 @@ def test_submitit_local_requeue_kill_failing_cell_and_debug_retry(tmp_path, smal
     assert finished_steps(mib) == [1] and ft_console.stat().st_mtime_ns == before
     assert not list(logs.glob("*/sweep.lock"))
 
+
+
+def test_a_task_file_adds_its_tasks_to_the_sweep(tmp_path):
+    (tmp_path / "splits.toml").write_text(
+        "[voc.mine]\n0 = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]\n"
+        "1 = [16, 17, 18]\n2 = [19, 20]\n")
+    path = write_sweep(tmp_path, 'task_file = "splits.toml"\nmethods = ["MiB"]\n'
+                       '[[tasks]]\ntask = "mine"\noverlap = true\n' + TINY)
+    p = plan.build_plan(spec.load_sweep(path))
+    mib = p.unit("MiB-mine-ov-s42")
+    assert mib.steps == [1, 2]
+    [first] = mib.commands
+    assert first.args[first.args.index("--task_file") + 1] == str(tmp_path / "splits.toml")
+    # a mistake in the file is the sweep's one error line
+    (tmp_path / "splits.toml").write_text("[voc.mine]\n0 = [0, 1]\n1 = [2]\n")
+    with pytest.raises(spec.SweepError, match="labels 3, 4, .* in no step"):
+        spec.load_sweep(path)
+    tasks.TASKS["voc"].pop("mine", None)
