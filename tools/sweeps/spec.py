@@ -38,6 +38,7 @@ RESERVED = {
     "random_seed": "list the seeds in seeds = [...]",
     "class_order": "list the orders in class_orders = [...]",
     "data_root": "give data_root = ... at the top of the file",
+    "task_file": "give task_file = ... at the top of the file",
     "step": "a sweep runs every step of each task",
     "step_ckpt": "the sweep passes the shared step-0 checkpoint itself",
     "ckpt": "runs resume by themselves",
