@@ -15,7 +15,9 @@ import os
 import sys
 
 import methods
+import task_file
 import tasks
+from dataset.errors import DatasetLayoutError
 from utils.errors import OptionError  # noqa: F401  (argparser.OptionError, as before)
 from utils.option_range import Range
 
@@ -124,7 +126,8 @@ def get_argparser():
     g = p.add_argument_group("data")
     g.add_argument("--data_root", type=str, default="data",
                    help="folder that holds PascalVOC12/ or ADEChallengeData2016/")
-    g.add_argument("--dataset", type=str, default="voc", choices=["voc", "ade"], help="dataset")
+    g.add_argument("--dataset", type=str, default="voc", choices=["voc", "ade", "folder"],
+                   help="dataset; folder: your own data in the layout of docs/custom_data.md")
     g.add_argument("--num_classes", type=int, default=None,
                    help="ignored: derived from --dataset (as in the original)")
     g.add_argument("--index_dir", type=str, default="data",
@@ -155,8 +158,12 @@ def get_argparser():
                         "instead of training them as background")
 
     g = p.add_argument_group("task")
-    g.add_argument("--task", type=str, default="19-1", choices=tasks.get_task_list(),
-                   metavar="TASK", help=f"task split: {', '.join(tasks.get_task_list())}")
+    g.add_argument("--task", type=str, default="19-1", metavar="TASK",
+                   help=f"task split: {', '.join(tasks.get_task_list())}, or one of "
+                        "--task_file")
+    g.add_argument("--task_file", type=str, default=None, metavar="FILE",
+                   help="[new] JSON or TOML file of task splits (dataset -> task -> step -> "
+                        "labels), checked like the built-in ones (docs/tasks.md)")
     g.add_argument("--class_order", type=int, default=0,
                    help="[new] 0: the task's order of classes; k > 0 (VOC): the classes 1-20 "
                         "in the random order drawn with seed k, background first (index lists "
@@ -212,6 +219,13 @@ def get_argparser():
     g.add_argument("--epochs", type=int, default=30, help="epochs of this step")
     g.add_argument("--batch_size", type=int, default=4,
                    help="batch size PER PROCESS (total = batch_size x processes)")
+    g.add_argument("--accumulate", type=int, default=1, metavar="K",
+                   help="[new] gradient accumulation: K batches per optimiser step (total "
+                        "batch = batch_size x processes x K; BatchNorm statistics stay per "
+                        "batch)")
+    g.add_argument("--total_batch", type=int, default=None, metavar="N",
+                   help="[new] the total batch per optimiser step: sets --accumulate to "
+                        "N / (batch_size x processes), which must divide exactly")
     g.add_argument("--lr", type=_floats, default="0.007",
                    help="learning rate; [new] a list gives one value per task step "
                         "(0.01,0.001: step 0 at 0.01, later steps at 0.001)")
@@ -323,7 +337,8 @@ def apply_method_preset(opts, explicit=frozenset()):
 
 def _derive(opts):
     """Derived options of the original (docs/behaviour.md §2.4)."""
-    opts.num_classes = {"voc": 21, "ade": 150}[opts.dataset]
+    opts.num_classes = {"voc": 21, "ade": 150}.get(opts.dataset,
+                                                   tasks.NUM_LABELS.get(opts.dataset))
     if not opts.visualize:
         opts.sample_num = 0
     opts.no_overlap = not opts.overlap
@@ -351,7 +366,7 @@ OPTION_RANGES = {
     "pooling": Range(1),
     "loss_kd": Range(0), "loss_de": Range(0), "alpha": Range(0, low_open=True),
     "icarl_importance": Range(0), "reg_importance": Range(0), "reg_alpha": Range(0, 1),
-    "reg_iterations": Range(1),
+    "reg_iterations": Range(1), "accumulate": Range(1), "total_batch": Range(1),
 }
 
 
@@ -386,13 +401,38 @@ def _step_list(step):
     return list(step)
 
 
+def _resolve_accumulation(opts, explicit):
+    """--accumulate from --total_batch and the process count (WORLD_SIZE of the launcher)."""
+    if opts.accumulate < 1:
+        raise OptionError(f"--accumulate must be at least 1, got {opts.accumulate}")
+    if opts.total_batch is None:
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    per_step = opts.batch_size * world
+    if opts.total_batch < per_step or opts.total_batch % per_step:
+        raise OptionError(f"--total_batch {opts.total_batch} is not a multiple of --batch_size "
+                          f"{opts.batch_size} x {world} process(es) = {per_step}; pick a "
+                          "multiple or change --batch_size")
+    k = opts.total_batch // per_step
+    if "accumulate" in explicit and opts.accumulate != k:
+        raise OptionError(f"--accumulate {opts.accumulate} and --total_batch "
+                          f"{opts.total_batch} disagree ({opts.total_batch} = {opts.batch_size} "
+                          f"x {world} x {k}); give one of them")
+    opts.accumulate = k
+
+
 def _validate(opts, explicit):
     warnings = []
     opts.step = _step_list(opts.step)
     # task and steps
     try:
+        if opts.dataset == "folder":
+            from dataset.folder import read_class_names
+            tasks.add_dataset("folder", read_class_names(opts.data_root))
+        if getattr(opts, "task_file", None):
+            task_file.load_task_file(opts.task_file)
         canonical = tasks.canonical_task(opts.dataset, opts.task)
-    except tasks.TaskError as e:
+    except (tasks.TaskError, DatasetLayoutError) as e:
         raise OptionError(str(e))
     if canonical != opts.task:
         warnings.append(f"task '{opts.task}' is the paper's name of '{canonical}'; "
@@ -423,6 +463,7 @@ def _validate(opts, explicit):
                           f"'{opts.dataset}' has {n} steps; give at most {n} (the last value "
                           "repeats for the later steps)")
     warnings += check_ranges(opts)
+    _resolve_accumulation(opts, explicit)
 
     # contradictions
     if opts.test and len(opts.steps) > 1:

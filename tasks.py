@@ -8,6 +8,10 @@ with ``order = [0] + labels of steps 0..t (without 0), in step order``.
 Public helpers keep the original names and signatures:
 ``get_task_labels(dataset, name, step)``, ``get_per_task_classes(dataset, name, step)``
 and ``get_task_list()``.
+
+Every table (the built-in ones below and the ones a user adds with ``--task_file``) goes
+through ``check_task``: steps 0, 1, ... in order, label 0 in step 0 only, every label of
+the dataset in exactly one step, no label the dataset does not have.
 """
 from utils.errors import UserError
 
@@ -202,16 +206,28 @@ VOC_CLASS_NAMES = [
     "sheep", "sofa", "train", "tvmonitor"
 ]
 
-# --- splits that later work made standard ------------------------------------------------
+# --- splits that later work made standard (docs/tasks.md says where each comes from) ------
 VOC_TASKS["10-1"] = _one_per_step(10, 20, 1)     # 11 steps
 VOC_TASKS["5-3"] = _one_per_step(5, 20, 3)       # 0..5, 6-8, 9-11, 12-14, 15-17, 18-20
 ADE_TASKS["100-5"] = _one_per_step(100, 150, 5)  # 11 steps
-
-TASKS = {"voc": VOC_TASKS, "ade": ADE_TASKS}
+# the hard VOC splits (SSUL's task table: 5-5, 5-1, 2-2, 2-1; DKD's: 10-10)
+VOC_TASKS["5-5"] = _one_per_step(5, 20, 5)       # 0..5, 6-10, 11-15, 16-20
+VOC_TASKS["5-1"] = _one_per_step(5, 20, 1)       # 16 steps
+VOC_TASKS["2-2"] = _one_per_step(2, 20, 2)       # 0..2, then nine pairs 3-4 .. 19-20
+VOC_TASKS["2-1"] = _one_per_step(2, 20, 1)       # 19 steps
+VOC_TASKS["10-10"] = _one_per_step(10, 20, 10)   # 0..10, 11-20
+# the same "N-M" convention, used in papers without a table in either code base
+VOC_TASKS["4-2"] = _one_per_step(4, 20, 2)       # 0..4, then eight pairs 5-6 .. 19-20
+VOC_TASKS["4-4"] = _one_per_step(4, 20, 4)       # 0..4, 5-8, 9-12, 13-16, 17-20
+# SSUL's first shuffled 15-1 order (its 15-1_b): 15 classes in this order, then one a step
+VOC_TASKS["15-1_b"] = {
+    0: [0, 12, 9, 20, 7, 15, 8, 14, 16, 5, 19, 4, 1, 13, 2, 11],
+    1: [17], 2: [3], 3: [6], 4: [18], 5: [10],
+}
 
 # Names used in papers for the same splits: alias -> name in this module.
 ALIASES = {
-    "voc": {"15-1": "15-5s"},
+    "voc": {"15-1": "15-5s", "10-5": "10-5-5"},
     "ade": {"50-50": "50"},
 }
 
@@ -220,6 +236,109 @@ CLASS_NAMES = {"voc": VOC_CLASS_NAMES, "ade": ADE_CLASS_NAMES}
 
 class TaskError(UserError, ValueError):
     """A dataset, task or step that does not exist; the message lists the valid ones."""
+
+
+class TaskTableError(TaskError):
+    """A task table that breaks a rule of ``check_task``; the message names the task and the
+    rule."""
+
+
+def _label_text(labels):
+    return ", ".join(str(label) for label in labels)
+
+
+def check_task(dataset, name, steps, num_labels, where="tasks.py"):
+    """The task table ``steps`` (step -> labels; step keys may be strings "0", "1", ...)
+    checked and returned as ``{int step: [int labels]}``; ``num_labels`` is the number of
+    labels of the dataset (labels are 0..num_labels-1). Raises ``TaskTableError`` with one
+    line for the first rule broken."""
+    head = f"task '{name}' of {dataset} ({where})"
+    if not isinstance(steps, dict) or not steps:
+        raise TaskTableError(f"{head}: expected a table of steps, e.g. \"0\": [0, 1, 2], "
+                             f"\"1\": [3]; got {type(steps).__name__}")
+    table = {}
+    for key, labels in steps.items():
+        try:
+            step = int(key)
+        except (TypeError, ValueError):
+            raise TaskTableError(f"{head}: step '{key}' is not a number; steps are 0, 1, 2, "
+                                 "...") from None
+        if not isinstance(labels, list) or not labels:
+            raise TaskTableError(f"{head}: step {step} must be a non-empty list of labels")
+        bad = [label for label in labels if isinstance(label, bool) or not isinstance(label, int)]
+        if bad:
+            raise TaskTableError(f"{head}: step {step} has {bad[0]!r}, which is not an integer "
+                                 "label")
+        table[step] = list(labels)
+    if sorted(table) != list(range(len(table))):
+        raise TaskTableError(f"{head}: steps must be 0..{len(table) - 1} without gaps; got "
+                             f"{_label_text(sorted(table))}")
+    table = {step: table[step] for step in range(len(table))}
+    unknown = [(s, label) for s, labels in table.items() for label in labels
+               if not 0 <= label < num_labels]
+    if unknown:
+        s, label = unknown[0]
+        raise TaskTableError(f"{head}: label {label} in step {s} is not a label of {dataset} "
+                             f"(0..{num_labels - 1})")
+    if 0 not in table[0]:
+        raise TaskTableError(f"{head}: label 0 (background) must be in step 0")
+    later = [s for s in range(1, len(table)) if 0 in table[s]]
+    if later:
+        raise TaskTableError(f"{head}: label 0 (background) is in step {later[0]}; it belongs "
+                             "to step 0 only")
+    if table[0] == [0]:
+        raise TaskTableError(f"{head}: step 0 has only the background; give it at least one "
+                             "class")
+    where_seen = {}
+    for s, labels in table.items():
+        for label in labels:
+            if label in where_seen:
+                first = where_seen[label]
+                at = f"twice in step {s}" if first == s else f"in steps {first} and {s}"
+                raise TaskTableError(f"{head}: label {label} is {at}; every label belongs to "
+                                     "exactly one step")
+            where_seen[label] = s
+    missing = [label for label in range(num_labels) if label not in where_seen]
+    if missing:
+        raise TaskTableError(f"{head}: label{'s' if len(missing) > 1 else ''} "
+                             f"{_label_text(missing)} in no step; every label of {dataset} "
+                             f"(0..{num_labels - 1}) belongs to exactly one step")
+    return table
+
+
+NUM_LABELS = {"voc": len(VOC_CLASS_NAMES), "ade": len(ADE_CLASS_NAMES)}
+TASKS = {dataset: {name: check_task(dataset, name, steps, NUM_LABELS[dataset])
+                   for name, steps in table.items()}
+         for dataset, table in (("voc", VOC_TASKS), ("ade", ADE_TASKS))}
+BUILT_IN = {dataset: set(table) for dataset, table in TASKS.items()}
+
+
+def add_dataset(dataset, class_names):
+    """Make a dataset whose labels are 0..len(class_names)-1 known, with its task
+    ``offline`` (every label in step 0, joint training); other tasks come from a task
+    file. Called again with other names (another data root) it starts afresh."""
+    if CLASS_NAMES.get(dataset) != list(class_names):
+        TASKS[dataset] = {}
+    TASKS.setdefault(dataset, {})
+    ALIASES.setdefault(dataset, {})
+    CLASS_NAMES[dataset] = list(class_names)
+    NUM_LABELS[dataset] = len(class_names)
+    TASKS[dataset]["offline"] = check_task(dataset, "offline", {0: span(0, len(class_names) - 1)},
+                                           len(class_names))
+    BUILT_IN[dataset] = {"offline"}
+
+
+def add_task(dataset, name, steps, where):
+    """Check a user's task table and make it usable under ``name``; a name of a built-in
+    task or alias is refused (a file cannot change the splits papers report)."""
+    _check_dataset(dataset)
+    if name in BUILT_IN.get(dataset, ()) or name in ALIASES[dataset]:
+        raise TaskTableError(f"task '{name}' of {dataset} ({where}) has the name of a built-in "
+                             "task; give it another name")
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise TaskTableError(f"task name {name!r} ({where}) must be a non-empty name without "
+                             "'/' that does not start with '.'")
+    TASKS[dataset][name] = check_task(dataset, name, steps, NUM_LABELS[dataset], where)
 
 
 def _check_dataset(dataset):

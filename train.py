@@ -57,6 +57,19 @@ def step_speed(images, seconds, iterations_done, iterations_left):
     return {"img/s": f"{images / max(seconds, 1e-9):.1f}",
             "step ETA": format_seconds(per_iteration * iterations_left)}
 
+def micro_batch_group(index, n_iters, accumulate):
+    """(size of the group of micro-batches ``index`` belongs to, is it the group's first,
+    is it its last): groups of ``accumulate`` consecutive batches, the epoch's last group
+    holding what is left."""
+    start = index - index % accumulate
+    size = min(accumulate, n_iters - start)
+    return size, index == start, index == start + size - 1
+
+
+def optimizer_steps(n_iters, accumulate):
+    """Optimiser steps of an epoch of ``n_iters`` micro-batches (the poly schedule's unit)."""
+    return -(-n_iters // accumulate)
+
 
 class Trainer:
     """``Trainer(model, model_old, device, opts, trainer_state, classes)`` as in the original:
@@ -87,6 +100,8 @@ class Trainer:
         self.epochs = opts.epochs           # for "epoch 1 of N" and the step's ETA
         self.skipped_batches = 0
         self.scaler_skipped_steps = 0
+        # --accumulate K: K micro-batches per optimiser step (docs/accumulation.md)
+        self.accumulate = opts.accumulate
 
     # --- helpers --------------------------------------------------------------------------
     def autocast(self):
@@ -134,12 +149,15 @@ class Trainer:
         bar = tqdm(total=n_iters, desc=f"epoch {cur_epoch + 1} of {self.epochs}", leave=False,
                    dynamic_ncols=True, disable=not (self.progress and self.dist.is_main))
         for cur_step, (images, labels) in enumerate(train_loader):
+            # micro-batches of one optimiser step: K of them, the epoch's last group fewer
+            group, first, last = micro_batch_group(cur_step, n_iters, self.accumulate)
             batch = methods.Batch(*self.to_device(images, labels))
             images_seen += batch.images.shape[0]
             self._old_forward(batch)
             with torch.no_grad():
                 method.rewrite_targets(batch)
-            optim.zero_grad(set_to_none=True)
+            if first:
+                optim.zero_grad(set_to_none=True)
             with self.autocast():
                 batch.outputs, batch.features = model(batch.images, **forward_kwargs)
             main = method.main(batch)
@@ -149,21 +167,26 @@ class Trainer:
                 total = total + term.weight * value
             if self.skip_nonfinite and distributed.any_process(not bool(torch.isfinite(total)),
                                                                device):
-                self._skip_batch(optim, scheduler, cur_epoch, cur_step, main, values, logger)
+                self._skip_batch(optim, scheduler if last else None, cur_epoch, cur_step, main,
+                                 values, logger)
                 bar.update(1)
                 continue
-            self.scaler.scale(total).backward()
+            # the mean over the group's micro-batches: the large batch's gradient
+            with self._no_sync(model, last):
+                self.scaler.scale(total if group == 1 else total / group).backward()
 
-            penalties = self._penalties(optim, params)
-            l_reg = sum((w for _, w in penalties), 0.0)
+            penalties, l_reg = [], 0.0
+            if last:        # the optimiser step, once per group of micro-batches
+                penalties = self._penalties(optim, params)
+                l_reg = sum((w for _, w in penalties), 0.0)
 
-            scale_before = self._scale()
-            self.scaler.step(optim)
-            self.scaler.update()
-            if scale_before is not None:  # a skipped step lowers the scale; counted on device
-                skipped_steps += self._scale() < scale_before
-            if scheduler is not None:
-                scheduler.step()
+                scale_before = self._scale()
+                self.scaler.step(optim)
+                self.scaler.update()
+                if scale_before is not None:  # a skipped step lowers the scale; counted on device
+                    skipped_steps += self._scale() < scale_before
+                if scheduler is not None:
+                    scheduler.step()
 
             step_total = (total + l_reg).detach()
             if not self.skip_nonfinite:  # under fp16 too: a NaN loss is no overflow
@@ -217,6 +240,13 @@ class Trainer:
         if not self.scaler.is_enabled():
             return None
         return self.scaler._get_scale_async().clone()
+
+    @staticmethod
+    def _no_sync(model, last):
+        """DDP all-reduces the gradients at the group's last micro-batch only."""
+        if last or not hasattr(model, "no_sync"):
+            return contextlib.nullcontext()
+        return model.no_sync()
 
     def _penalties(self, optim, params):
         """Update every penalty after the task backward (true, unscaled gradients), then

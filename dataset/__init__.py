@@ -12,6 +12,7 @@ from .errors import CorruptFileError, DatasetError, DatasetLayoutError, IndexLis
 _LAZY = {
     "VOCSegmentation": ".voc", "VOCSegmentationIncremental": ".voc",
     "AdeSegmentation": ".ade", "AdeSegmentationIncremental": ".ade",
+    "FolderSegmentation": ".folder", "FolderSegmentationIncremental": ".folder",
 }
 
 __all__ = list(_LAZY) + ["DatasetError", "DatasetLayoutError", "CorruptFileError",
@@ -23,6 +24,8 @@ def __getattr__(name):
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     if name == "DATASETS":
         from .ade import AdeSegmentationIncremental
+        from .folder import FolderSegmentationIncremental
         from .voc import VOCSegmentationIncremental
-        return {"voc": VOCSegmentationIncremental, "ade": AdeSegmentationIncremental}
+        return {"voc": VOCSegmentationIncremental, "ade": AdeSegmentationIncremental,
+                "folder": FolderSegmentationIncremental}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,7 @@ import methods
 from dataset.factory import get_dataset, index_folder
 from dataset.loader import build_loader
 from segmentation_module import make_model
-from train import AMP_DTYPES, Trainer
+from train import AMP_DTYPES, Trainer, optimizer_steps
 from utils import distributed
 from utils.checkpoint import CheckpointError, check_checkpoint_fits, is_unfinished, load_model_state
 from utils.compile import maybe_compile
@@ -145,7 +145,9 @@ def build_models(opts, ctx, classes, data, method, logger, prev_ckpt=None, prev_
     if model_old is not None:
         model_old.to(device, memory_format=memory_format(opts))
     optimizer = make_optimizer(model, opts)
-    scheduler = make_scheduler(optimizer, opts.lr_policy, opts.epochs * len(data.train_loader),
+    # the poly schedule counts optimiser steps (--accumulate K: one per K batches)
+    n_steps = opts.epochs * optimizer_steps(len(data.train_loader), opts.accumulate)
+    scheduler = make_scheduler(optimizer, opts.lr_policy, n_steps,
                                power=opts.lr_power, decay_step=opts.lr_decay_step,
                                decay_factor=opts.lr_decay_factor)
     prev_trainer_state = None

@@ -13,7 +13,7 @@ from .evaluate import evaluate
 
 def train_epochs(opts, ctx, logger, events, trainer, models, data, ckpt_path, meta, *,
                  start_epoch=0, best_score=0.0, val_results=None, sample_ids=(),
-                 resume_path=None):
+                 resume_path=None, cost=None):
     """Epochs ``start_epoch`` .. ``opts.epochs - 1``; returns the last validation's
     per-class results (for the test phase's table)."""
     val_metrics = StreamSegMetrics(data.n_classes)
@@ -48,6 +48,8 @@ def train_epochs(opts, ctx, logger, events, trainer, models, data, ckpt_path, me
             last = (f"last good checkpoint: {last_saved[0]} (after epoch {last_saved[1] + 1})"
                     if last_saved is not None else "no checkpoint of this step was written yet")
             raise NonFiniteLossError(f"{e}; {last}") from e
+        if cost is not None:
+            cost.add_epoch(result.images, result.seconds)
         total = result.main + result.reg
         trained_s += result.seconds
         eta = format_seconds(trained_s / (epoch + 1 - start_epoch) * (opts.epochs - epoch - 1))

@@ -11,6 +11,7 @@ import tasks
 from metrics import StreamSegMetrics
 from utils import distributed
 from utils.checkpoint import check_resumable, checkpoint_meta, load_trusted, restore_checkpoint
+from utils.cost import StepCost
 from utils.errors import UserError
 from utils.events import EventLog
 from utils.logger import Logger
@@ -65,7 +66,7 @@ def run_step(opts, ctx):
         for w in opts.warnings:
             logger.warning(w)
         data = build.build_data(opts, ctx, logger, training=plan != "test")
-        val_results = None
+        val_results, cost = None, None
         if plan == "test":
             # PLOP's protocol tests the step's own checkpoint, also when --ckpt names one (P19)
             test_path = paths.ckpt if opts.protocol == "plop" else (opts.ckpt or paths.ckpt)
@@ -75,6 +76,8 @@ def run_step(opts, ctx):
                                         prev_ckpt=prev_ckpt, prev_path=paths.prev)
             del prev_ckpt
             trainer = build.build_trainer(opts, ctx, classes, models, method, logger)
+            cost = StepCost(models.model, ctx.device, ctx.world_size, opts.batch_size,
+                            opts.accumulate)
             start_epoch, best_score = 0, 0.0
             if resume_ckpt is not None:
                 start_epoch, best_score, val_results = restore_checkpoint(
@@ -100,7 +103,8 @@ def run_step(opts, ctx):
                 opts, ctx, logger, events, trainer, models, data, paths.ckpt,
                 checkpoint_meta(opts, classes, fingerprint_now), start_epoch=start_epoch,
                 best_score=best_score, val_results=val_results, sample_ids=sample_ids,
-                resume_path=resume_path)
+                resume_path=resume_path, cost=cost)
+            cost.finish()
             test_path = paths.ckpt
             del trainer, models
         evaluation, val_results = test_phase(opts, ctx, classes, data.test_loader,
@@ -109,7 +113,8 @@ def run_step(opts, ctx):
         report_test(opts, logger, evaluation.score, val_results)
         events.write("eval", split="test", step=opts.step, epoch=None,
                      **eval_figures(evaluation))
-        distributed.on_main(lambda: save_results(opts, paths.logdir, evaluation.score, logger))
+        distributed.on_main(lambda: save_results(opts, paths.logdir, evaluation.score, logger,
+                                                      cost))
         logger.flush()
         if plan != "test":
             summary = {"mean_iou": float(evaluation.score["Mean IoU"]),
@@ -155,8 +160,9 @@ def report_test(opts, logger, results, val_results):
     logger.add_scalar("T_MeanAcc", results["Mean Acc"], opts.step)
 
 
-def save_results(opts, logdir, results, logger):
-    json_path, csv_path = write_results(logdir, opts, results)
+def save_results(opts, logdir, results, logger, cost=None):
+    json_path, csv_path = write_results(logdir, opts, results,
+                                        cost=None if cost is None else cost.record())
     logger.info(f"Results written to {json_path} and {csv_path}")
     print_summary(json_path)
     if logger.writer is not None:

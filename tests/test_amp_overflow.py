@@ -6,9 +6,9 @@ first step (it allocates its momentum buffers and returns before filling them)."
 import pytest
 import torch
 from test_trainer_regularizer import NEW, OLD, previous_state
+from trainer_helpers import TinySegNet, batch, options, regularizer_of
 
 from engine.build import sgd_kernel
-from trainer_helpers import TinySegNet, batch, options, regularizer_of
 from train import NonFiniteLossError, Trainer
 
 CPU = torch.device("cpu")

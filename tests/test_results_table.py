@@ -269,3 +269,35 @@ def test_script_reports_a_damaged_file_in_one_line(logs):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: results file ")
     assert str(bad) in lines[0] and "damaged" in lines[0]
+
+
+def test_joint_training_is_the_upper_bound_row_of_each_setting(tmp_path, capsys):
+    # two methods on VOC 15-5 and 19-1, and a joint (offline) run whose classes 0..15 have
+    # IoU 0.8, 16..19 0.6 and 20 0.4
+    root = tmp_path / "logs"
+    for name, blocks in (("FT", [0.1, 0.3]), ("MiB", [0.6, 0.3])):
+        for task in ("15-5", "19-1"):
+            fake_step(root, name=name, method=name, seed=1, step=1, blocks=blocks, task=task)
+    labels = tasks.get_task_dict("voc", "offline", 0)
+    iou = {c: 0.8 if c <= 15 else 0.6 if c <= 19 else 0.4 for c in range(21)}
+    write_step_results(root / "offline-voc" / "Joint-run" / "results", task="offline",
+                       dataset="voc", step=0, name="Joint-run", method="FT", seed=1,
+                       opts={"overlap": False}, labels_per_step=labels,
+                       results={"Class IoU": iou, "Class Acc": iou, "Overall Acc": 0.9,
+                                "Mean Acc": 0.5, "Mean IoU": 0.7})
+    code, out, _ = run_tool([root], capsys)
+    assert code == 0
+    header, rows = markdown_cells(out)
+    assert list(rows) == ["FT", "MiB", "Joint"]          # the upper bound comes last
+    assert not any("offline" in h for h in header)        # not a column of its own
+    joint = rows["Joint"]
+    col = {h: i for i, h in enumerate(header[1:])}
+    # 15-5: old = classes 0..15 (0.8), new = 16..20 (4 x 0.6 + 0.4) / 5
+    assert joint[col["VOC 15-5 disjoint · old"]] == "80.0"
+    assert joint[col["VOC 15-5 disjoint · new"]] == f"{100 * (4 * 0.6 + 0.4) / 5:.1f}"
+    # 19-1: old = 0..19, new = class 20; all is the joint run's mean over every class
+    assert joint[col["VOC 19-1 disjoint · old"]] == f"{100 * (16 * 0.8 + 4 * 0.6) / 20:.1f}"
+    assert joint[col["VOC 19-1 disjoint · new"]] == "40.0"
+    assert joint[col["VOC 19-1 disjoint · all"]] == f"{100 * (16 * 0.8 + 4 * 0.6 + 0.4) / 21:.1f}"
+    assert joint[col["VOC 19-1 disjoint · avg"]] == "–"
+    assert "Joint = joint training" in out

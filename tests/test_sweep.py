@@ -220,7 +220,8 @@ def test_table_maths_over_seeds_and_orders(tmp_path, capsys):
     code, out, err = cli(["table", path], capsys)
     assert code == 0, err
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]]
-            for line in out.splitlines() if line.startswith("| ") and "method" not in line}
+            for line in out.split("Table: cost")[0].splitlines()
+            if line.startswith("| ") and "method" not in line}
     assert list(rows) == ["MiB", "FT"]               # the order of the sweep file
 
     def stat(values):
@@ -468,12 +469,18 @@ def test_issue_sweep_status_table_and_a_rerun_that_trains_nothing(issue_sweep):
     assert "cells: 12 finished" in status and "step-0 runs: 4 finished" in status
     code, table, err = call(["table", path])
     assert code == 0, err
-    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    miou, cost = table.split("Table: cost")
+    lines = [line for line in miou.splitlines() if line.startswith("| ")]
     assert "VOC 15-5 overlapped · hIoU" in lines[0] and "VOC 15-5s overlapped · avg" in lines[0]
     assert [line.split("|")[1].strip() for line in lines[1:]] == ["FT", "LWF", "MiB"]
     assert all(line.count("±") == 10 for line in lines[1:])
     assert "background" in table
-    for name in ("table.md", "table.csv", "table.tex", "miou_all_voc_15-5_overlapped.png",
+    # the cost table: each method's steps and sequences, every step with its cost
+    cost_rows = [line.split("|") for line in cost.splitlines() if line.startswith("| ")][1:]
+    assert {r[1].strip() for r in cost_rows} == {"FT", "LWF", "MiB"}
+    assert all("–" not in r[4] for r in cost_rows)        # training time of every line
+    for name in ("table.md", "table.csv", "table.tex", "cost.md",
+                 "miou_all_voc_15-5_overlapped.png",
                  "miou_all_voc_15-5s_overlapped.png"):
         assert (folder / "runs" / "tables" / name).is_file(), name
     code, again, _ = call(["run", path])
@@ -574,3 +581,21 @@ def test_plan_commands_run_as_printed_from_any_folder(tmp_path, capsys):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "usage: run.py" in done.stdout
+
+
+def test_a_task_file_adds_its_tasks_to_the_sweep(tmp_path):
+    (tmp_path / "splits.toml").write_text(
+        "[voc.mine]\n0 = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]\n"
+        "1 = [16, 17, 18]\n2 = [19, 20]\n")
+    path = write_sweep(tmp_path, 'task_file = "splits.toml"\nmethods = ["MiB"]\n'
+                       '[[tasks]]\ntask = "mine"\noverlap = true\n' + TINY)
+    p = plan.build_plan(spec.load_sweep(path))
+    mib = p.unit("MiB-mine-ov-s42")
+    assert mib.steps == [1, 2]
+    [first] = mib.commands
+    assert first.args[first.args.index("--task_file") + 1] == str(tmp_path / "splits.toml")
+    # a mistake in the file is the sweep's one error line
+    (tmp_path / "splits.toml").write_text("[voc.mine]\n0 = [0, 1]\n1 = [2]\n")
+    with pytest.raises(spec.SweepError, match="labels 3, 4, .* in no step"):
+        spec.load_sweep(path)
+    tasks.TASKS["voc"].pop("mine", None)

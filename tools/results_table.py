@@ -2,7 +2,7 @@
 
     python tools/results_table.py LOGDIR [LOGDIR ...] [--step N] [--group-by name|method]
         [--old-with-bg | --old-without-bg] [--hiou] [--markdown PATH] [--csv PATH]
-        [--latex PATH] [--plots DIR] [--run PATH]
+        [--latex PATH] [--plots DIR] [--run PATH] [--cost]
 
 Every ``results/step-<N>.json`` below the given folders is read (files can be named directly
 too). One *run* is one ``results`` folder (one ``--name`` of one task). Runs are grouped:
@@ -25,6 +25,9 @@ one decimal in Markdown and LaTeX (``booktabs``, the best mean of each column in
 CSV has the same layout with the unrounded mean, the std and the number of runs in separate
 columns.
 
+``--cost`` adds the cost table (``tools/cost_table.py``): parameters, training time, images
+per second and peak memory of every step and of the whole sequence.
+
 ``tools/sweep.py table`` builds its tables with these functions (its rows are the sweep's
 method entries: ``group_by`` may be a function of a run).
 """
@@ -42,6 +45,7 @@ if __package__ in (None, ""):          # run as a script: make the project impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tasks  # noqa: E402
+from metrics.summaries import summarize_iou  # noqa: E402
 from utils.checkpoint import atomic_write_bytes, atomic_write_text  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.results import class_iou_figure, load_results, new_figure  # noqa: E402
@@ -254,14 +258,62 @@ class Table:
     notes: list
     run_counts: dict        # (row, Setting) -> runs (seeds) at the step
     metrics: tuple = METRICS
+    joint: bool = False     # Joint rows (joint training, the offline task) are in it
+
+
+JOINT_TASK = "offline"
+JOINT_ROW = "Joint"
+
+
+def joint_row_name(row, n_rows):
+    """The upper-bound row of a joint (``offline``) row: ``Joint``, or ``Joint (row)`` when
+    several rows trained jointly."""
+    return JOINT_ROW if n_rows == 1 else f"{JOINT_ROW} ({row})"
+
+
+def joint_figures(run, labels_per_step, with_bg):
+    """{metric: fraction or None} of a joint (``offline``) run measured as a step of
+    another task: its per-class IoU split into the task's old and new classes at the step
+    whose ``labels_per_step`` are given (what papers print as the upper bound)."""
+    doc = run.docs.get(0)
+    if doc is None:
+        return None
+    by_label = {int(label): doc["class_iou"].get(str(k))
+                for k, label in (doc.get("class_labels") or {}).items()}
+    channels = [0] + [label for labels in labels_per_step for label in labels if label != 0]
+    summary = summarize_iou([by_label.get(label) for label in channels],
+                            [len(labels) for labels in labels_per_step])
+    old, new = summary[old_key(with_bg)], summary["miou_new"]
+    return {"old": old, "new": new, "all": summary["miou_all"], "avg": None,
+            "hiou": harmonic_mean(old, new)}
+
+
+def split_joint(groups):
+    """(the groups without the joint settings, {dataset: {row: [joint runs]}}); joint runs
+    stay columns of their own where their dataset has no other setting."""
+    joint = {}
+    for setting, by_row in groups.items():
+        if setting.task == JOINT_TASK and any(
+                other.dataset == setting.dataset and other.task != JOINT_TASK
+                for other in groups):
+            for row, runs_ in by_row.items():
+                joint.setdefault(setting.dataset, {}).setdefault(row, []).extend(runs_)
+    rest = OrderedDict((s, r) for s, r in groups.items()
+                       if not (s.task == JOINT_TASK and s.dataset in joint))
+    return rest, joint
 
 
 def build_table(runs, group_by="name", step=None, with_bg=True, metrics=METRICS,
-                row_key=row_sort_key):
+                row_key=row_sort_key, joint=True):
     """The table of ``runs`` at ``step`` (default: the last step of each task) with the
     columns ``metrics`` per setting; ``row_key`` orders the rows (default: the paper's
-    order, then alphabetical)."""
+    order, then alphabetical). With ``joint``, runs of the ``offline`` task (joint training)
+    become the last row(s), ``Joint``, of every setting of their dataset: their per-class
+    IoU split into that setting's old and new classes (no avg)."""
     groups = group_runs(runs, group_by, row_key)
+    joint_runs = {}
+    if joint:
+        groups, joint_runs = split_joint(groups)
     settings, cells, notes, rows, run_counts = [], {}, [], [], {}
     for setting, by_row in groups.items():
         target = step if step is not None else setting.last_step()
@@ -291,14 +343,38 @@ def build_table(runs, group_by="name", step=None, with_bg=True, metrics=METRICS,
                 rows.append(row)
         if used:
             settings.append((setting, target))
+            add_joint_rows(joint_runs.get(setting.dataset, {}), setting, target, by_row,
+                           with_bg, metrics, cells, run_counts, rows)
     if not settings:
         if step is None:
             raise TableError("no run has a result for the last step of its task; tabulate "
                              "an earlier step with --step N")
         raise TableError(f"no run has a step-{step} result; pick a step the runs reached "
                          "(--step)")
-    rows.sort(key=row_key)
-    return Table(settings, rows, cells, notes, run_counts, tuple(metrics))
+    joint_names = [r for r in rows if r.startswith(JOINT_ROW) and r not in
+                   {row for by_row in groups.values() for row in by_row}]
+    rows = sorted((r for r in rows if r not in joint_names), key=row_key) + joint_names
+    return Table(settings, rows, cells, notes, run_counts, tuple(metrics), bool(joint_names))
+
+
+def add_joint_rows(joint_by_row, setting, target, by_row, with_bg, metrics, cells,
+                   run_counts, rows):
+    """The Joint row(s) of one setting, split by the classes of its step ``target`` (the
+    labels of a run of the setting that reached it)."""
+    reached = [r for runs_ in by_row.values() for r in runs_ if target in r.docs]
+    if not joint_by_row or not reached:
+        return
+    labels = reached[0].docs[target]["labels_per_step"]
+    for row, runs_ in joint_by_row.items():
+        figures = [f for f in (joint_figures(r, labels, with_bg) for r in runs_)
+                   if f is not None]
+        if not figures:
+            continue
+        name = joint_row_name(row, len(joint_by_row))
+        cells[(name, setting)] = {m: Stat.of([f[m] for f in figures]) for m in metrics}
+        run_counts[(name, setting)] = len(figures)
+        if name not in rows:
+            rows.append(name)
 
 
 def percent(value, digits):
@@ -325,7 +401,9 @@ def caption(table, with_bg, group_by, replicas="seeds", count_label="seeds"):
             "new = classes of this step; all = every class seen, background included; avg = "
             f"mean of all over steps 0..N{hiou}. Mean ± sample std (n-1) over {replicas} "
             f"where a row has several (runs per row: column '{count_label}'). Rows by "
-            f"{group_by}.")
+            f"{group_by}." + (" Joint = joint training on all classes (the offline task), "
+                              "its per-class IoU split into each setting's old and new "
+                              "classes: the upper bound." if table.joint else ""))
 
 
 def seeds_text(table, row):
@@ -529,6 +607,9 @@ def get_parser():
     p.add_argument("--run", metavar="PATH",
                    help="one run's step-<N>.json (or its results folder) for per-class IoU "
                         "bars (into --plots DIR, else beside the file)")
+    p.add_argument("--cost", action="store_true",
+                   help="also print the cost table: parameters, training time, images/s and "
+                        "peak memory per step and per sequence (into --markdown too)")
     return p
 
 
@@ -545,6 +626,10 @@ def main(argv=None):
                                 WITH_HIOU if args.hiou else METRICS)
             text = caption(table, args.with_bg, args.group_by)
             markdown = to_markdown(table, text)
+            if args.cost:
+                from tools.cost_table import cost_lines
+                from tools.cost_table import to_markdown as cost_markdown
+                markdown += "\n" + cost_markdown(cost_lines(runs, args.group_by))
             sys.stdout.write(markdown)
             for note in table.notes:
                 sys.stderr.write(f"note: {note}\n")

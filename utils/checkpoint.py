@@ -236,6 +236,9 @@ def fingerprint(opts, world_size, extra_keys=()):
     fp = {k: getattr(opts, k) for k in FINGERPRINT_KEYS + tuple(extra_keys)}
     fp["method"] = opts.method
     fp["world_size"] = world_size
+    # the batch per optimiser step (--accumulate); not compared with older records
+    fp["accumulate"] = opts.accumulate
+    fp["total_batch"] = opts.batch_size * world_size * fp["accumulate"]
     return fp
 
 

@@ -30,7 +30,7 @@ def ade_cmap(n=256):
 
 
 def colormap(dataset):
-    return voc_cmap() if dataset == "voc" else ade_cmap()
+    return ade_cmap() if dataset == "ade" else voc_cmap()   # folder datasets: the VOC palette
 
 
 def denormalize(image_chw):

@@ -106,13 +106,14 @@ def _per_class(values, n_classes, what):
 
 
 def build_step_results(*, task, dataset, step, name, method, seed, opts, labels_per_step,
-                       results, class_names=None):
+                       results, class_names=None, cost=None):
     """The JSON document of one step (a dict of plain values) and the CSV rows.
 
     ``results``: the dict of ``StreamSegMetrics.get_results`` ('Class IoU', 'Class Acc',
     'Overall Acc', 'Mean Acc', 'Mean IoU', ...). ``labels_per_step``: original labels of
     every step 0..step. ``class_names``: names indexed by original label (default
-    ``tasks.CLASS_NAMES[dataset]``)."""
+    ``tasks.CLASS_NAMES[dataset]``). ``cost``: the step's ``utils.cost.StepCost`` record
+    (None when the step was not trained by this run)."""
     step = int(step)
     steps = _steps_as_list(labels_per_step, step)
     classes_per_step = [len(labels) for labels in steps]
@@ -170,6 +171,7 @@ def build_step_results(*, task, dataset, step, name, method, seed, opts, labels_
         "background_convention": summary["background_convention"],
         "n_images": None if results.get("Total samples") is None
         else int(results["Total samples"]),
+        "cost": None if cost is None else _json_safe(dict(cost)),
     }
     rows = [(k, label, names[k], introduced, doc["class_iou"][str(k)],
              doc["class_acc"][str(k)]) for k, (label, introduced) in enumerate(channels)]
@@ -187,7 +189,7 @@ def _csv_text(rows):
 
 
 def write_step_results(results_dir, *, task, dataset, step, name, method, seed, opts,
-                       labels_per_step, results, class_names=None):
+                       labels_per_step, results, class_names=None, cost=None):
     """Write ``step-<N>.json`` and ``step-<N>.csv`` under ``results_dir`` (created if needed),
     each atomically (temporary file in the same folder, then rename): a failed write leaves
     the previous files as they were. Returns (json_path, csv_path).
@@ -198,7 +200,7 @@ def write_step_results(results_dir, *, task, dataset, step, name, method, seed, 
     doc, rows = build_step_results(task=task, dataset=dataset, step=step, name=name,
                                    method=method, seed=seed, opts=opts,
                                    labels_per_step=labels_per_step, results=results,
-                                   class_names=class_names)
+                                   class_names=class_names, cost=cost)
     # allow_nan=False: a NaN slipping through would make a file other JSON readers reject
     text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
     json_path, csv_path = result_paths(results_dir, doc["step"])
@@ -208,17 +210,32 @@ def write_step_results(results_dir, *, task, dataset, step, name, method, seed, 
     return json_path, csv_path
 
 
-def write_results(logdir, opts, results):
+def write_results(logdir, opts, results, cost=None):
     """The result files of a run's step: ``<logdir>/results/step-<N>.json`` and ``.csv``
-    from the options of the run and the test figures. Returns (json_path, csv_path)."""
+    from the options of the run and the test figures. Returns (json_path, csv_path).
+    Without ``cost`` (a --test run) the cost of the file it replaces is kept."""
     import tasks
     options = {k: v for k, v in vars(opts).items() if not k.startswith("_")}
+    results_dir = os.path.join(logdir, "results")
+    if cost is None:
+        cost = _earlier_cost(result_paths(results_dir, opts.step)[0])
     return write_step_results(
-        os.path.join(logdir, "results"), task=opts.task, dataset=opts.dataset, step=opts.step,
+        results_dir, cost=cost, task=opts.task, dataset=opts.dataset, step=opts.step,
         name=opts.name, method=opts.method, seed=opts.random_seed, opts=options,
         labels_per_step=tasks.get_task_dict(opts.dataset, opts.task, opts.step,
                                             opts.class_order),
         results=results)
+
+
+def _earlier_cost(json_path):
+    """The cost record of an existing result file (None when there is none or it is
+    unreadable: it is about to be replaced)."""
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return doc.get("cost") if isinstance(doc, dict) else None
 
 
 def load_results(path):

@@ -116,6 +116,8 @@ def base_args(sweep, setting, seed, order, name):
         args.append("--overlap")
     if order:
         args += ["--class_order", str(order)]
+    if sweep.task_file:
+        args += ["--task_file", sweep.task_file]
     return args
 
 

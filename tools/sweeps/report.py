@@ -137,15 +137,19 @@ def build(plan, with_bg=True):
 
 
 def write_table(plan, out_dir, with_bg=True):
-    """Write the table (Markdown, CSV, LaTeX) and the plots of all-mIoU after each step;
-    returns (Markdown text, notes, paths written)."""
+    """Write the table (Markdown, CSV, LaTeX), the cost table (``cost.md``, also appended
+    to the Markdown text) and the plots of all-mIoU after each step; returns (Markdown text,
+    notes, paths written)."""
+    from tools import cost_table
     table, caption, runs, row, row_key = build(plan, with_bg)
     markdown = rt.to_markdown(table, caption, count_label="runs")
+    cost = cost_table.to_markdown(cost_table.cost_lines(runs, row, row_key))
     paths = []
     for name, text in (("table.md", markdown), ("table.csv", rt.to_csv(table)),
-                       ("table.tex", rt.to_latex(table, caption, count_label="runs"))):
+                       ("table.tex", rt.to_latex(table, caption, count_label="runs")),
+                       ("cost.md", cost)):
         paths.append(os.path.join(out_dir, name))
         atomic_write_text(paths[-1], text)
     paths += rt.plot_steps(runs, out_dir, row, with_bg, panels=("all",), bands=True,
                            prefix="miou_all", row_key=row_key)
-    return markdown, table.notes, paths
+    return markdown + "\n" + cost, table.notes, paths

@@ -12,6 +12,7 @@ import functools
 import os
 from dataclasses import dataclass, field
 
+import task_file
 import tasks
 from utils.errors import UserError
 
@@ -21,7 +22,7 @@ except ModuleNotFoundError:      # Python 3.10: the same parser as the tomli pac
     tomllib = None
 
 TOP_KEYS = ("name", "out", "data_root", "methods", "seeds", "class_orders", "tasks", "options",
-            "datasets", "slurm")
+            "datasets", "slurm", "task_file")
 TASK_KEYS = ("dataset", "task", "overlap", "class_orders", "options")
 METHOD_KEYS = ("name", "method", "options")
 SLURM_KEYS = ("partition", "gpus_per_job", "cpus_per_job", "mem_gb", "time", "setup",
@@ -37,6 +38,7 @@ RESERVED = {
     "random_seed": "list the seeds in seeds = [...]",
     "class_order": "list the orders in class_orders = [...]",
     "data_root": "give data_root = ... at the top of the file",
+    "task_file": "give task_file = ... at the top of the file",
     "step": "a sweep runs every step of each task",
     "step_ckpt": "the sweep passes the shared step-0 checkpoint itself",
     "ckpt": "runs resume by themselves",
@@ -92,6 +94,7 @@ class Sweep:
     options: dict        # every run
     datasets: dict       # dataset -> options of its runs
     slurm: dict
+    task_file: str = None    # absolute: the splits every run reads (--task_file)
 
     def options_of(self, task, method=None):
         """The options of a run, later ones winning: the file's, its dataset's, its task's,
@@ -118,17 +121,38 @@ def load_sweep(path):
         raise SweepError(f"{where}: '{missing}' is missing; a sweep needs methods = [...] and "
                          "at least one [[tasks]] table")
     class_orders = int_list(doc.get("class_orders", [0]), where, "class_orders", minimum=0)
+    data_root = resolve(base, str(doc.get("data_root", "data")))
+    task_file = load_task_file(doc, base, data_root, where)
     sweep = Sweep(
         path=os.path.abspath(path), name=name,
         out=resolve(base, str(doc.get("out", os.path.join("runs", name)))),
-        data_root=resolve(base, str(doc.get("data_root", "data"))),
+        data_root=data_root,
         methods=parse_methods(doc["methods"], where),
         tasks=parse_tasks(doc["tasks"], class_orders, where),
         seeds=int_list(doc.get("seeds", [42]), where, "seeds", minimum=0),
         options=parse_options(doc.get("options", {}), where, "[options]"),
         datasets=parse_datasets(doc.get("datasets", {}), where),
-        slurm=parse_slurm(doc.get("slurm", {}), where))
+        slurm=parse_slurm(doc.get("slurm", {}), where), task_file=task_file)
     return sweep
+
+
+def load_task_file(doc, base, data_root, where):
+    """``task_file = "splits.toml"`` (relative to the sweep file): its tasks are checked and
+    known from here on (and every run gets ``--task_file``); a ``folder`` dataset's classes
+    are read from ``data_root`` first. Returns the absolute path, or None."""
+    datasets = {str(t.get("dataset", "voc")) for t in doc.get("tasks") or []
+                if isinstance(t, dict)}
+    try:
+        if "folder" in datasets:
+            from dataset.folder import read_class_names
+            tasks.add_dataset("folder", read_class_names(data_root))
+        if "task_file" not in doc:
+            return None
+        path = resolve(base, str(doc["task_file"]))
+        task_file.load_task_file(path)
+    except UserError as e:
+        raise SweepError(f"{where}: {e}") from None
+    return path
 
 
 def shown(path):
