@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from argparser import OptionError, parse_options
-from test_trainer_helpers import RecordingSGD, TinySegNet, batch, ce, grads_of, kd, options
+from trainer_helpers import RecordingSGD, TinySegNet, batch, ce, grads_of, kd, options
 from train import Trainer, micro_batch_group, optimizer_steps
 from utils.checkpoint import fingerprint
 from utils.scheduler import PolyLR
