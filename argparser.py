@@ -16,6 +16,7 @@ import sys
 
 import methods
 import tasks
+from modules.backbones import backbone_choice
 from utils.errors import OptionError  # noqa: F401  (argparser.OptionError, as before)
 
 # Method presets, declared by the methods (``methods/``), applied after parsing: they
@@ -217,6 +218,12 @@ def get_argparser():
     g.add_argument("--momentum", type=float, default=0.9,
                    help="SGD momentum (hard-wired to 0.9 in the original; honoured here)")
     g.add_argument("--weight_decay", type=float, default=1e-4, help="weight decay")
+    g.add_argument("--body_lr_factor", type=float, default=1.0,
+                   help="[new, fix S8] the body's learning rate is lr x this (1: one lr for "
+                        "all, as MiB, PLOP and NeST with every backbone)")
+    g.add_argument("--no_decay_norms", action="store_true", default=False,
+                   help="[new, fix S8] no weight decay on the body's norm weights, biases "
+                        "and relative-position tables (the Swin recipes' rule)")
     g.add_argument("--lr_policy", type=str, default="poly", choices=["poly", "step"],
                    help="learning-rate schedule, stepped every iteration")
     g.add_argument("--lr_decay_step", type=int, default=5000,
@@ -240,9 +247,21 @@ def get_argparser():
                    help="[new] channels-last memory format (auto: on with CUDA)")
 
     g = p.add_argument_group("network")
-    g.add_argument("--backbone", type=str, default="resnet101",
-                   choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"],
-                   help="ResNet body (the original offers resnet50 and resnet101)")
+    g.add_argument("--backbone", type=backbone_choice, default="resnet101",
+                   help="body: resnet18/34/50/101/152 (the original offers resnet50 and "
+                        "resnet101); [new] swin_b (NeST's Swin-B, window 12), swin_b_22k, "
+                        "swin_b_224, swin_l, swin_l_224, swin_t (timm), or timm:<model> for "
+                        "any timm model with feature maps (docs/behaviour.md §17)")
+    g.add_argument("--swin_shift_order", type=str, default="pad_then_shift",
+                   choices=["pad_then_shift", "timm"],
+                   help="[fix S6] Swin blocks: NeST's pad-then-shift (default) or timm's "
+                        "shift-then-pad (other numbers wherever a map is padded)")
+    g.add_argument("--swin_norm3_from_file", action="store_true", default=False,
+                   help="[fix S2] start the Swin body's last stage norm from the ImageNet "
+                        "file's final norm instead of 1/0")
+    g.add_argument("--head_rates_from_body", action="store_true", default=False,
+                   help="[fix S1] ASPP rates for the stride of the map the head reads (3/6/9 "
+                        "on the stride-32 Swin body) instead of --output_stride's")
     g.add_argument("--output_stride", type=int, default=16, choices=[8, 16], help="output stride")
     g.add_argument("--no_pretrained", "--no-pretrained", dest="no_pretrained",
                    action="store_true", default=False, help="do not load ImageNet weights")
