@@ -8,6 +8,7 @@ also the first three: ``(out4, [out1, out2, out3])``, the maps PLOP distils.
 
 Every block pads its map to whole windows *before* the cyclic shift, as NeST's copy of the
 Swin code does (S6); timm shifts first. ``shift_order="timm"`` keeps timm's own order."""
+import re
 import types
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -192,3 +193,45 @@ def load_swin_weights(body, path, norm3_from_file=False):
         for k, v in final_norm.items():
             state[f"norm3.{k}"] = v
     return load_model_state(body, state, strict=True, source=f"Swin weights {path}")
+
+
+# ------------------------------------------------------------------------------------------
+# key layouts: the Swin release and NeST's checkpoints merge at the end of a stage and save
+# the index buffers; timm and this project merge at the start of the next stage
+
+_DOWNSAMPLE = re.compile(r"((?:^|\.)layers\.)(\d+)(\.downsample\.)")
+_TABLE = re.compile(r"(?:^|\.)layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_bias_table$")
+
+
+def merges_at_stage_end(state):
+    """True for the Swin release / NeST layout (``layers.0.downsample`` exists)."""
+    return any(_DOWNSAMPLE.search(k) and _DOWNSAMPLE.search(k).group(2) == "0" for k in state)
+
+
+def nest_to_project_keys(state):
+    """A NeST-layout Swin state (any key prefix kept) in this project's layout: the index
+    and mask buffers dropped, ``layers.<i>.downsample`` -> ``layers.<i+1>.downsample``."""
+    out = OrderedDict()
+    for k, v in state.items():
+        if k.endswith(("relative_position_index", "attn_mask")):
+            continue
+        out[_DOWNSAMPLE.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + 1}{m.group(3)}", k)] = v
+    return out
+
+
+def infer_swin(state):
+    """The ``--backbone`` whose Swin layout the keys follow (``swin_b`` stands for the
+    window-12 Swin-B files of either pre-training), or None."""
+    depths, window, embed = {}, None, None
+    for k, v in state.items():
+        m = _TABLE.search(k)
+        if m:
+            stage, block = int(m.group(1)), int(m.group(2))
+            depths[stage] = max(depths.get(stage, 0), block + 1)
+            window = (round(v.shape[0] ** 0.5) + 1) // 2
+        if k.endswith("patch_embed.proj.weight"):
+            embed = v.shape[0]
+    known = {(96, (2, 2, 6, 2), 7): "swin_t", (128, (2, 2, 18, 2), 12): "swin_b",
+             (128, (2, 2, 18, 2), 7): "swin_b_224", (192, (2, 2, 18, 2), 12): "swin_l",
+             (192, (2, 2, 18, 2), 7): "swin_l_224"}
+    return known.get((embed, tuple(depths.get(i, 0) for i in range(4)), window))
