@@ -266,7 +266,8 @@ def get_argparser():
     g.add_argument("--no_pretrained", "--no-pretrained", dest="no_pretrained",
                    action="store_true", default=False, help="do not load ImageNet weights")
     g.add_argument("--pretrained_dir", type=str, default="pretrained",
-                   help="[new] folder of <backbone>_<norm_act>.pth.tar ImageNet weights")
+                   help="[new] folder of the ImageNet weights: <backbone>_<norm_act>.pth.tar "
+                        "for ResNets, the Swin release's file names for Swin")
     g.add_argument("--norm_act", type=str, default="iabn_sync",
                    choices=["iabn_sync", "iabn", "abn", "std"], help="norm + activation layers")
     g.add_argument("--norm_impl", type=str, default="auto",

@@ -6,10 +6,10 @@ from collections import OrderedDict
 
 import torch.nn as nn
 
-from utils.checkpoint import CheckpointError, load_model_state, load_trusted
+from utils.checkpoint import CheckpointError, load_model_state
 from utils.errors import UserError
 
-from .swin import SWIN_VARIANTS, load_swin_weights, make_swin
+from .swin import SWIN_VARIANTS, load_swin_weights, make_swin, read_weights_file
 
 TIMM_PREFIX = "timm:"
 RESNET_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -115,8 +115,7 @@ def timm_cache_file(backbone):
         if not repo:
             return None
         for filename in ("model.safetensors", "pytorch_model.bin"):
-            found = try_to_load_from_cache(repo_id=repo.split("/", 1)[-1] if repo.count("/") > 1
-                                           else repo, filename=filename)
+            found = try_to_load_from_cache(repo_id=repo, filename=filename)
             if isinstance(found, str) and os.path.isfile(found):
                 return found
     except Exception:   # no cache, no hub client, an unknown tag: not there
@@ -153,11 +152,8 @@ def load_timm_weights(body, path, norm3_from_file=False):
 def load_timm_feature_weights(body, path):
     """A timm state dict (``.pth`` or ``.safetensors``) into ``body.trunk``, through the
     model's own checkpoint filter; only its classifier parts may be left over."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        state = load_file(path)
-    else:
-        state = load_trusted(path, what="ImageNet weights")
+    state = read_weights_file(path, "ImageNet weights")
+    if isinstance(state, dict):
         state = state.get("state_dict", state.get("model", state))
     if not isinstance(state, dict):
         raise CheckpointError(f"ImageNet weights {path} hold no state dict")

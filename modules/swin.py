@@ -146,6 +146,17 @@ def make_swin(backbone, shift_order="pad_then_shift", init_weights=True):
 # ------------------------------------------------------------------------------------------
 # ImageNet weights
 
+def read_weights_file(path, what):
+    """A ``.safetensors`` file (timm's cache) or a ``torch.save`` file."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+        try:
+            return load_file(path)
+        except Exception as e:   # a damaged or foreign file
+            raise CheckpointError(f"cannot load {what} {path}: {e}") from e
+    return load_trusted(path, what=what)
+
+
 def swin_state_from_file(checkpoint, path):
     """The state dict of a Swin file: the authors' release (``{"model": ...}``, merging at
     the end of a stage) or timm's (bare, or under ``state_dict``)."""
@@ -169,7 +180,7 @@ def load_swin_weights(body, path, norm3_from_file=False):
     file: they start at 1/0, S2; ``norm3_from_file`` takes ``norm3`` from the file's
     ``norm.*``). A window other than the body's is an error, not a resize (S7)."""
     from timm.models.swin_transformer import checkpoint_filter_fn
-    state = swin_state_from_file(load_trusted(path, what="Swin weights"), path)
+    state = swin_state_from_file(read_weights_file(path, "Swin weights"), path)
     own = body.state_dict()
     wrong = [f"{k} {list(v.shape)}" for k, v in state.items()
              if k.endswith("relative_position_bias_table") and k in own

@@ -133,3 +133,24 @@ def test_converter_reads_nest_swin_checkpoints(tmp_path):
     assert {k[len("module.body."):] for k in state} == set(own)
     assert convert_checkpoint.main([str(tmp_path / "ours.pth"), "--from-nest-swin", "-o",
                                     str(tmp_path / "again.pth")]) == 1
+
+
+def test_weights_from_timms_cache_when_the_folder_lacks_them(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub
+    from safetensors.torch import save_file
+
+    from segmentation_module import pretrained_path
+    body = make_swin("swin_t")
+    snapshot = tmp_path / "models--timm--swin_tiny_patch4_window7_224.ms_in1k" / "snapshots"
+    (snapshot / "abc").mkdir(parents=True)
+    (snapshot.parent / "refs").mkdir()
+    (snapshot.parent / "refs" / "main").write_text("abc")
+    save_file({k: v.contiguous() for k, v in body.state_dict().items()
+               if not k.startswith("norm")}, str(snapshot / "abc" / "model.safetensors"))
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    assert pretrained_path("swin_t", "iabn_sync", str(tmp_path / "empty")) == \
+        str(snapshot / "abc" / "model.safetensors")
+    model = make_model(opts_for("swin_t", no_pretrained=False,
+                                pretrained_dir=str(tmp_path / "empty")), classes=[2])
+    assert torch.equal(model.body.layers[2].blocks[5].mlp.fc1.weight,
+                       body.layers[2].blocks[5].mlp.fc1.weight)
