@@ -47,6 +47,14 @@ SHIFT_ORDERS = ("pad_then_shift", "timm")
 CLASSIFIER_PREFIXES = ("head.", "norm.")
 
 
+def relative_position_index(ws):
+    """index[n, m] = (h_n - h_m + ws - 1)(2 ws - 1) + (w_n - w_m + ws - 1), tokens row-major."""
+    coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij"))
+    coords = coords.flatten(1)
+    rel = coords[:, :, None] - coords[:, None, :] + ws - 1
+    return rel[0] * (2 * ws - 1) + rel[1]
+
+
 def _window_partition(x, ws):
     B, H, W, C = x.shape
     x = x.view(B, H // ws, ws, W // ws, ws, C).permute(0, 1, 3, 2, 4, 5)
@@ -103,8 +111,9 @@ class SwinBody(nn.Module):
                 trunk = timm.create_model(variant.timm_name, **kwargs)
             trunk.to_empty(device="cpu")
             for m in trunk.modules():   # the index buffers are computed, not loaded
-                if m is not trunk and hasattr(m, "init_non_persistent_buffers"):
-                    m.init_non_persistent_buffers()
+                if isinstance(getattr(m, "relative_position_index", None), torch.Tensor):
+                    index = relative_position_index(m.window_size[0])
+                    m.relative_position_index.copy_(index.view_as(m.relative_position_index))
         self.variant = variant
         self.patch_size = trunk.patch_embed.patch_size
         self.patch_embed = trunk.patch_embed
@@ -179,7 +188,6 @@ def load_swin_weights(body, path, norm3_from_file=False):
     its classifier ``head.*`` and final ``norm.*``, and the body's ``norm0..3`` (not in the
     file: they start at 1/0, S2; ``norm3_from_file`` takes ``norm3`` from the file's
     ``norm.*``). A window other than the body's is an error, not a resize (S7)."""
-    from timm.models.swin_transformer import checkpoint_filter_fn
     state = swin_state_from_file(read_weights_file(path, "Swin weights"), path)
     own = body.state_dict()
     wrong = [f"{k} {list(v.shape)}" for k, v in state.items()
@@ -190,7 +198,11 @@ def load_swin_weights(body, path, norm3_from_file=False):
             f"Swin weights {path} are for another window size ({wrong[0]}; the body "
             f"{body.variant.timm_name} has window {body.window_size}): pick the --backbone "
             "of that file (e.g. swin_b_224 for *_window7_224.pth)")
-    state = checkpoint_filter_fn(state, body)
+    # the release's layout -> timm's (buffers dropped, merging moved to the next stage);
+    # timm's own filter is not used: older timm releases misread headless timm files
+    state = nest_to_project_keys(state) if merges_at_stage_end(state) else OrderedDict(
+        (k, v) for k, v in state.items() if not k.endswith(("relative_position_index",
+                                                              "attn_mask")))
     final_norm = {k[len("norm."):]: v for k, v in state.items() if k.startswith("norm.")}
     state = OrderedDict((k, v) for k, v in state.items()
                         if not k.startswith(CLASSIFIER_PREFIXES))
