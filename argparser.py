@@ -18,6 +18,7 @@ import methods
 import task_file
 import tasks
 from dataset.errors import DatasetLayoutError
+from modules.backbones import backbone_choice
 from utils.errors import OptionError  # noqa: F401  (argparser.OptionError, as before)
 from utils.option_range import Range
 
@@ -232,6 +233,12 @@ def get_argparser():
     g.add_argument("--momentum", type=float, default=0.9,
                    help="SGD momentum (hard-wired to 0.9 in the original; honoured here)")
     g.add_argument("--weight_decay", type=float, default=1e-4, help="weight decay")
+    g.add_argument("--body_lr_factor", type=float, default=1.0,
+                   help="[new, fix W8] the body's learning rate is lr x this (1: one lr for "
+                        "all, as MiB, PLOP and NeST with every backbone)")
+    g.add_argument("--no_decay_norms", action="store_true", default=False,
+                   help="[new, fix W8] no weight decay on the body's norm weights, biases "
+                        "and relative-position tables (the Swin recipes' rule)")
     g.add_argument("--lr_policy", type=str, default="poly", choices=["poly", "step"],
                    help="learning-rate schedule, stepped every iteration")
     g.add_argument("--lr_decay_step", type=int, default=5000,
@@ -255,14 +262,27 @@ def get_argparser():
                    help="[new] channels-last memory format (auto: on with CUDA)")
 
     g = p.add_argument_group("network")
-    g.add_argument("--backbone", type=str, default="resnet101",
-                   choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"],
-                   help="ResNet body (the original offers resnet50 and resnet101)")
+    g.add_argument("--backbone", type=backbone_choice, default="resnet101",
+                   help="body: resnet18/34/50/101/152 (the original offers resnet50 and "
+                        "resnet101); [new] swin_b (NeST's Swin-B, window 12), swin_b_22k, "
+                        "swin_b_224, swin_l, swin_l_224, swin_t (timm), or timm:<model> for "
+                        "any timm model with feature maps (docs/behaviour.md §20)")
+    g.add_argument("--swin_shift_order", type=str, default="pad_then_shift",
+                   choices=["pad_then_shift", "timm"],
+                   help="[fix W6] Swin blocks: NeST's pad-then-shift (default) or timm's "
+                        "shift-then-pad (other numbers wherever a map is padded)")
+    g.add_argument("--swin_norm3_from_file", action="store_true", default=False,
+                   help="[fix W2] start the Swin body's last stage norm from the ImageNet "
+                        "file's final norm instead of 1/0")
+    g.add_argument("--head_rates_from_body", action="store_true", default=False,
+                   help="[fix W1] ASPP rates for the stride of the map the head reads (3/6/9 "
+                        "on the stride-32 Swin body) instead of --output_stride's")
     g.add_argument("--output_stride", type=int, default=16, choices=[8, 16], help="output stride")
     g.add_argument("--no_pretrained", "--no-pretrained", dest="no_pretrained",
                    action="store_true", default=False, help="do not load ImageNet weights")
     g.add_argument("--pretrained_dir", type=str, default="pretrained",
-                   help="[new] folder of <backbone>_<norm_act>.pth.tar ImageNet weights")
+                   help="[new] folder of the ImageNet weights: <backbone>_<norm_act>.pth.tar "
+                        "for ResNets, the Swin release's file names for Swin")
     g.add_argument("--norm_act", type=str, default="iabn_sync",
                    choices=["iabn_sync", "iabn", "abn", "std"], help="norm + activation layers")
     g.add_argument("--norm_impl", type=str, default="auto",
@@ -367,6 +387,7 @@ OPTION_RANGES = {
     "loss_kd": Range(0), "loss_de": Range(0), "alpha": Range(0, low_open=True),
     "icarl_importance": Range(0), "reg_importance": Range(0), "reg_alpha": Range(0, 1),
     "reg_iterations": Range(1), "accumulate": Range(1), "total_batch": Range(1),
+    "body_lr_factor": Range(0, low_open=True),
 }
 
 

@@ -12,6 +12,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modules import DeeplabV3, is_norm_layer, make_resnet, norm_act_factory
+from modules.backbones import (
+    is_timm_backbone,
+    load_timm_weights,
+    make_timm_body,
+    missing_weights_message,
+    timm_weights_path,
+)
 
 # re-exported: the names ported code imports from here
 from utils.checkpoint import (  # noqa: F401
@@ -112,12 +119,17 @@ class IncrementalSegmentationModule(nn.Module):
 # state dicts and files
 
 def pretrained_path(backbone, norm_act, pretrained_dir="pretrained"):
-    """The original's file name for the ImageNet weights of a body."""
+    """The original's file name for the ImageNet weights of a body; for the timm bodies
+    the released file's name (or timm's cached copy, modules/backbones.py)."""
+    if is_timm_backbone(backbone):
+        return timm_weights_path(backbone, pretrained_dir)
     return os.path.join(pretrained_dir, f"{backbone}_{norm_act}.pth.tar")
 
 
-def require_pretrained(path):
+def require_pretrained(path, backbone=None):
     """Stop early, with what to do, when the ImageNet weights file is missing."""
+    if not os.path.isfile(path) and backbone is not None and is_timm_backbone(backbone):
+        raise PretrainedWeightsNotFound(missing_weights_message(backbone, path))
     if not os.path.isfile(path):
         raise PretrainedWeightsNotFound(
             f"ImageNet weights not found: {path}. Download the In-Place ABN ImageNet "
@@ -143,6 +155,12 @@ def load_imagenet_weights(body, path, cut_seven=False):
     return load_model_state(body, state, strict=True, source=f"ImageNet weights {path}")
 
 
+def body_stride(body):
+    """The stride of the map the head reads (the timm bodies: 32 for Swin)."""
+    strides = getattr(body, "strides", None)
+    return strides[-1] if strides else 32
+
+
 def make_model(opts, classes=None):
     """Body (+ ImageNet weights unless ``opts.no_pretrained``), head and one classifier per
     entry of ``classes``. Reads ``backbone``, ``output_stride``, ``norm_act``, ``norm_impl``
@@ -152,12 +170,26 @@ def make_model(opts, classes=None):
         raise ValueError("make_model needs the per-step class counts (classes=[...]); the "
                          "original's non-incremental model does not exist")
     norm = norm_act_factory(opts.norm_act, opts.norm_impl)
-    body = make_resnet(opts.backbone, norm, output_stride=opts.output_stride)
-    if not opts.no_pretrained:
-        load_imagenet_weights(body, pretrained_path(opts.backbone, opts.norm_act,
-                                                    opts.pretrained_dir),
-                              cut_seven=opts.protocol == "plop")
+    head_stride = opts.output_stride
+    if is_timm_backbone(opts.backbone):
+        path = None
+        if not opts.no_pretrained:
+            path = pretrained_path(opts.backbone, opts.norm_act, opts.pretrained_dir)
+            require_pretrained(path, opts.backbone)
+        # no random init of what the file overwrites
+        body = make_timm_body(opts.backbone, getattr(opts, "swin_shift_order", "pad_then_shift"),
+                              init_weights=path is None)
+        if path is not None:
+            load_timm_weights(body, path, getattr(opts, "swin_norm3_from_file", False))
+        if getattr(opts, "head_rates_from_body", False):   # W1's fix: rates of stride 32
+            head_stride = body_stride(body)
+    else:
+        body = make_resnet(opts.backbone, norm, output_stride=opts.output_stride)
+        if not opts.no_pretrained:
+            load_imagenet_weights(body, pretrained_path(opts.backbone, opts.norm_act,
+                                                        opts.pretrained_dir),
+                                  cut_seven=opts.protocol == "plop")
     head = DeeplabV3(body.out_channels, HEAD_CHANNELS, HEAD_CHANNELS,
-                     out_stride=opts.output_stride, norm_act=norm, pooling_size=opts.pooling)
+                     out_stride=head_stride, norm_act=norm, pooling_size=opts.pooling)
     return IncrementalSegmentationModule(body, head, HEAD_CHANNELS, classes=list(classes),
                                          fusion_mode=opts.fusion_mode)

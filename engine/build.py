@@ -13,11 +13,12 @@ import torch
 import methods
 from dataset.factory import get_dataset, index_folder
 from dataset.loader import build_loader
+from engine.body_groups import body_param_groups
 from segmentation_module import make_model
 from train import AMP_DTYPES, Trainer, optimizer_steps
 from utils import distributed
 from utils.checkpoint import CheckpointError, check_checkpoint_fits, is_unfinished, load_model_state
-from utils.compile import maybe_compile
+from utils.compile import maybe_compile, unwrap
 from utils.errors import RunError
 from utils.scheduler import make_scheduler
 
@@ -96,8 +97,7 @@ def make_optimizer(model, opts):
     """SGD with Nesterov momentum; groups body, head, classifiers (docs/behaviour.md §7.1)."""
     groups = []
     if not opts.freeze:
-        groups.append({"params": [p for p in model.body.parameters() if p.requires_grad],
-                       "weight_decay": opts.weight_decay})
+        groups += body_param_groups(model.body, opts)
     groups.append({"params": [p for p in model.head.parameters() if p.requires_grad],
                    "weight_decay": opts.weight_decay})
     groups.append({"params": [p for p in model.cls.parameters() if p.requires_grad],
@@ -124,7 +124,10 @@ def wrap_ddp(model, ctx):
     # no buffer broadcast in forward, as the original's apex DDP (the keyword was renamed)
     no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in
                inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
-    return DistributedDataParallel(model, device_ids=ids, **{no_sync: False})
+    # a timm body's stage norms get no gradient when no loss reads them (docs §20, W11)
+    unused = getattr(unwrap(model).body, "has_unused_parameters", False)
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused,
+                                   **{no_sync: False})
 
 
 def step_info(opts, ctx, classes, logger=None):

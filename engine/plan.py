@@ -56,7 +56,8 @@ def preflight(opts, paths, manifest, world_size):
                        "steps of a task need the same --name and --checkpoint_dir)")
     if opts.step == 0 and not opts.no_pretrained:
         from segmentation_module import pretrained_path, require_pretrained
-        require_pretrained(pretrained_path(opts.backbone, opts.norm_act, opts.pretrained_dir))
+        require_pretrained(pretrained_path(opts.backbone, opts.norm_act, opts.pretrained_dir),
+                           opts.backbone)
     for folder in (opts.checkpoint_dir, paths.logdir):
         check_writable(folder)
     if opts.ckpt is not None:

@@ -10,7 +10,14 @@ import methods
 import tasks
 from metrics import StreamSegMetrics
 from utils import distributed
-from utils.checkpoint import check_resumable, checkpoint_meta, load_trusted, restore_checkpoint
+from utils.checkpoint import (
+    check_resumable,
+    checkpoint_meta,
+    load_trusted,
+    restore_checkpoint,
+    restore_rng_states,
+    rng_states,
+)
 from utils.cost import StepCost
 from utils.errors import UserError
 from utils.events import EventLog
@@ -78,7 +85,7 @@ def run_step(opts, ctx):
             trainer = build.build_trainer(opts, ctx, classes, models, method, logger)
             cost = StepCost(models.model, ctx.device, ctx.world_size, opts.batch_size,
                             opts.accumulate)
-            start_epoch, best_score = 0, 0.0
+            start_epoch, best_score, resumed_rng = 0, 0.0, None
             if resume_ckpt is not None:
                 start_epoch, best_score, val_results = restore_checkpoint(
                     resume_ckpt, resume_path, model=models.model, optimizer=models.optimizer,
@@ -88,12 +95,17 @@ def run_step(opts, ctx):
                 logger.info(f"[!] Model restored from {resume_path}; continuing at epoch "
                             f"{start_epoch + 1} of {opts.epochs}")
                 resume_ckpt = None
+                resumed_rng = rng_states()
             if ctx.is_main:
                 logger.add_table("Opts", {k: v for k, v in vars(opts).items()
                                           if not k.startswith("_")})
             sample_ids = pick_sample_ids(opts, ctx, len(data.val_loader), logger)
             # the original prints a random tensor here; drawing it keeps the RNG stream
             logger.debug(f"Random tensor: {torch.randint(0, 100, (1, 1))}")
+            if resumed_rng is not None:
+                # the draws above belong to the step's start: a resumed epoch continues the
+                # RNG streams of the checkpoint (drop path, dropout draw from them)
+                restore_rng_states(resumed_rng)
             logger.keep()
             events.write("start", step=opts.step, method=opts.method, epochs=opts.epochs,
                          start_epoch=start_epoch, iterations=len(data.train_loader),

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from .norm import LEAKY_SLOPE, is_norm_layer
 
 # atrous rates of the three 3x3 branches; OS8 uses (12, 24, 32), not the paper's 36
-ASPP_DILATIONS = {16: (6, 12, 18), 8: (12, 24, 32)}
+# 32: the rates of the stride-32 body of Swin (docs/behaviour.md S1's fix; not in the original)
+ASPP_DILATIONS = {16: (6, 12, 18), 8: (12, 24, 32), 32: (3, 6, 9)}
 
 
 def eval_pooling_padding(kernel_h, kernel_w):

@@ -4,9 +4,9 @@ schedule and the regularisers' updates count optimiser steps, and the options re
 check the process count."""
 import pytest
 import torch
+from trainer_helpers import RecordingSGD, TinySegNet, batch, ce, grads_of, kd, options
 
 from argparser import OptionError, parse_options
-from trainer_helpers import RecordingSGD, TinySegNet, batch, ce, grads_of, kd, options
 from train import Trainer, micro_batch_group, optimizer_steps
 from utils.checkpoint import fingerprint
 from utils.scheduler import PolyLR

@@ -3,6 +3,7 @@
     python tools/convert_checkpoint.py FILE [--keys]
     python tools/convert_checkpoint.py FILE --strip-prefix -o OUT [--overwrite]
     python tools/convert_checkpoint.py FILE --add-prefix -o OUT [--overwrite]
+    python tools/convert_checkpoint.py FILE --from-nest-swin -o OUT [--overwrite]
 
 Reads step checkpoints (``model_state``, written by the original or by this project), In-Place
 ABN ImageNet files (``state_dict``) and bare state dicts. Inspection prints the top-level
@@ -13,6 +14,10 @@ The original writes every model key with ``module.`` (its DDP wrapper) and reads
 files; this project reads both. ``--strip-prefix`` / ``--add-prefix`` rewrite the model keys
 (all other entries are kept as they are) into OUT, atomically. The input is never
 overwritten, nor any existing file, unless ``--overwrite`` is given.
+
+Swin bodies: the Swin release files (entry ``model``) and NeST's Swin checkpoints merge at the
+end of a stage and save index buffers; ``--from-nest-swin`` rewrites such model keys into this
+project's (timm's) layout: buffers dropped, ``layers.<i>.downsample`` -> ``layers.<i+1>``.
 
 The file is loaded with ``weights_only=False`` (it holds optimiser states and plain Python
 objects): use it only on files you trust.
@@ -29,6 +34,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 import torch  # noqa: E402
 
 from modules.resnet import RESNET_STRUCTURES  # noqa: E402
+from modules.swin import infer_swin, merges_at_stage_end, nest_to_project_keys  # noqa: E402
 from segmentation_module import PREFIX, add_module_prefix, strip_module_prefix  # noqa: E402
 from utils.checkpoint import (  # noqa: E402
     CHECKPOINT_FORMAT,
@@ -39,7 +45,7 @@ from utils.checkpoint import (  # noqa: E402
 )
 from utils.errors import UserError  # noqa: E402
 
-MODEL_ENTRIES = ("model_state", "state_dict")
+MODEL_ENTRIES = ("model_state", "state_dict", "model")
 
 
 class ConvertError(UserError, RuntimeError):
@@ -66,7 +72,12 @@ def prefix_form(state):
 
 
 def infer_backbone(state):
-    """The ResNet whose layout the keys follow (``body.`` optional), or None."""
+    """The ResNet or Swin whose layout the keys follow (``body.`` optional), or None."""
+    swin = infer_swin(state)
+    if swin is not None:
+        layout = ("Swin release / NeST layout, merging at stage ends"
+                  if merges_at_stage_end(state) else "this project's (timm) layout")
+        return f"{swin} ({layout})"
     blocks, bottleneck = {}, False
     for key in strip_module_prefix(state):
         match = re.match(r"(?:body\.)?mod([2-5])\.block(\d+)\.convs\.conv(\d)\.", key)
@@ -134,10 +145,17 @@ def record_lines(checkpoint):
             f"{meta['epochs']} epochs"]
 
 
-def rewrite(checkpoint, add_prefix):
-    """The checkpoint with its model keys prefixed (``add_prefix``) or stripped."""
+def rewrite(checkpoint, add_prefix=False, from_nest_swin=False):
+    """The checkpoint with its model keys prefixed (``add_prefix``) or stripped, or (with
+    ``from_nest_swin``) a NeST Swin body's keys in this project's layout."""
     entry, state = find_model_state(checkpoint)
-    converted = add_module_prefix(state) if add_prefix else strip_module_prefix(state)
+    if from_nest_swin:
+        if infer_swin(state) is None or not merges_at_stage_end(state):
+            raise ConvertError("--from-nest-swin: the model keys are not a Swin body in the "
+                               "Swin release / NeST layout (no layers.0.downsample)")
+        converted = nest_to_project_keys(state)
+    else:
+        converted = add_module_prefix(state) if add_prefix else strip_module_prefix(state)
     if entry is None:
         return converted
     out = OrderedDict(checkpoint) if isinstance(checkpoint, OrderedDict) else dict(checkpoint)
@@ -155,6 +173,8 @@ def get_parser():
                       help="write the model keys without 'module.' (this project's plain form)")
     mode.add_argument("--add-prefix", action="store_true",
                       help="write the model keys with 'module.' (the original's form)")
+    mode.add_argument("--from-nest-swin", action="store_true",
+                      help="write a NeST Swin checkpoint's keys in this project's layout")
     p.add_argument("-o", "--output", help="where to write the rewritten checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="allow OUT to be an existing file, the input included")
@@ -163,9 +183,10 @@ def get_parser():
 
 def run(argv=None, out=sys.stdout):
     args = get_parser().parse_args(argv)
-    rewriting = args.strip_prefix or args.add_prefix
+    rewriting = args.strip_prefix or args.add_prefix or args.from_nest_swin
     if args.output and not rewriting:
-        raise ConvertError("-o is for a rewrite: add --strip-prefix or --add-prefix")
+        raise ConvertError("-o is for a rewrite: add --strip-prefix or --add-prefix (or "
+                           "--from-nest-swin)")
     if rewriting and not args.output:
         raise ConvertError("give the output file with -o OUT")
     if rewriting and os.path.exists(args.output) and not args.overwrite:
@@ -176,7 +197,8 @@ def run(argv=None, out=sys.stdout):
     for line in describe(checkpoint, args.checkpoint, list_keys=args.keys):
         print(line, file=out)
     if rewriting:
-        converted = rewrite(checkpoint, add_prefix=args.add_prefix)
+        converted = rewrite(checkpoint, add_prefix=args.add_prefix,
+                            from_nest_swin=args.from_nest_swin)
         atomic_torch_save(converted, args.output)
         _, state = find_model_state(converted)
         print(f"wrote {args.output}: model keys {prefix_form(state)}", file=out)

@@ -228,6 +228,8 @@ FINGERPRINT_KEYS = (
     "icarl_bkg", "regularizer", "reg_importance", "reg_alpha", "reg_no_normalize",
     "reg_iterations", "fix_bn", "freeze", "random_seed", "cross_val", "train_void_as_ignore",
     "amp", "no_pretrained", "protocol", "class_order",
+    "swin_shift_order", "swin_norm3_from_file", "head_rates_from_body", "body_lr_factor",
+    "no_decay_norms",
 )
 
 
