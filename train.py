@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 import methods
+from dataset.loader import as_mapping
 from segmentation_module import unwrap
 from utils import distributed
 from utils.errors import UserError
@@ -86,6 +87,14 @@ class Trainer:
         labels = labels.to(self.device, dtype=torch.long, non_blocking=True)
         return images, labels
 
+    def make_batch(self, item, **where):
+        """A ``methods.Batch`` on the device from a loader item (a mapping or a pair)."""
+        item = as_mapping(item)
+        extras = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                  for k, v in item["extras"].items()}
+        return methods.Batch(*self.to_device(item["image"], item["label"]), extras=extras,
+                             **where)
+
     def _old_forward(self, batch, validation=False):
         if self.model_old is not None and self.method.needs_old(validation):
             with self.autocast(), torch.no_grad():
@@ -101,6 +110,7 @@ class Trainer:
         method = self.method
         device = self.device
         model.train()
+        method.train_mode(unwrap(model))
         sampler = getattr(train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(cur_epoch)
@@ -117,8 +127,8 @@ class Trainer:
 
         bar = tqdm(total=n_iters, desc=f"epoch {cur_epoch + 1}", leave=False, dynamic_ncols=True,
                    disable=not (self.progress and self.dist.is_main))
-        for cur_step, (images, labels) in enumerate(train_loader):
-            batch = methods.Batch(*self.to_device(images, labels))
+        for cur_step, item in enumerate(train_loader):
+            batch = self.make_batch(item, epoch=cur_epoch, iteration=cur_step)
             images_seen += batch.images.shape[0]
             self._old_forward(batch)
             with torch.no_grad():
@@ -146,6 +156,7 @@ class Trainer:
             self.scaler.update()
             if scale_before is not None and self.scaler.get_scale() < scale_before:
                 self.scaler_skipped_steps += 1
+            method.after_optimizer_step(batch)
             if scheduler is not None:
                 scheduler.step()
 
@@ -175,6 +186,7 @@ class Trainer:
                     logger.add_scalar("Loss", value, x)
                 interval_loss.zero_()
         bar.close()
+        method.after_epoch(cur_epoch)
 
         # epoch statistics: sum over processes into rank 0, mean per iteration
         denom = self.dist.world_size * max(n_iters, 1)
@@ -259,7 +271,7 @@ class Trainer:
     def validation_losses(self, images, labels, outputs, features):
         """(main, other terms and penalties) of one validation batch: the terms and the
         penalty unweighted, as the original logs them (Q22). For ``engine.evaluate``."""
-        batch = methods.Batch(images, labels)
+        batch = methods.Batch(images, labels, training=False)
         batch.outputs, batch.features = outputs, features
         self._old_forward(batch, validation=True)
         main = self.method.main(batch)
@@ -273,6 +285,10 @@ class Trainer:
     def validation_kwargs(self):
         """The network outputs the validation losses read."""
         return self.method.model_kwargs(validation=True)
+
+    def predict(self, outputs):
+        """The label map of a batch's outputs (the method's rule; default argmax)."""
+        return self.method.predict(outputs)
 
     # --- state ----------------------------------------------------------------------------
     def state_dict(self):

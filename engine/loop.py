@@ -1,33 +1,58 @@
 """The epoch loop of a step (docs/behaviour.md §10.2): train, validate every
 ``--val_interval`` epochs, write the step checkpoint after each validation (and every
-``--ckpt_interval`` epochs, for resuming) and once more after the last epoch."""
+``--ckpt_interval`` epochs, for resuming) and once more after the last epoch, after the
+method's ``after_step`` hooks (and the memory they keep, written beside it first)."""
+import os
+
 from metrics import StreamSegMetrics
 from train import NonFiniteLossError
 from utils import distributed
-from utils.checkpoint import atomic_torch_save, build_checkpoint
+from utils.checkpoint import atomic_torch_save, build_checkpoint, sha256_of
 from utils.colormap import colormap, sample_panel
 from utils.events import finite_or_none, peak_memory
 
+from . import build
 from .evaluate import evaluate
+
+
+def memory_path(ckpt_path):
+    """Where a step's kept memory (``memory_state`` of its parts) is: beside its checkpoint."""
+    return os.path.splitext(ckpt_path)[0] + ".memory.pth"
+
+
+def after_step_ran(ckpt):
+    """Whether a checkpoint was written after its step's ``after_step`` hooks."""
+    return bool((ckpt.get("resume_state") or {}).get("after_step"))
 
 
 def train_epochs(opts, ctx, logger, events, trainer, models, data, ckpt_path, meta, *,
                  start_epoch=0, best_score=0.0, val_results=None, sample_ids=(),
-                 resume_path=None):
-    """Epochs ``start_epoch`` .. ``opts.epochs - 1``; returns the last validation's
+                 resume_path=None, after_step_done=False):
+    """Epochs ``start_epoch`` .. ``opts.epochs - 1``, then the method's ``after_step``
+    (unless ``after_step_done`` and no epoch was left); returns the last validation's
     per-class results (for the test phase's table)."""
     val_metrics = StreamSegMetrics(data.n_classes)
     optimizer = models.optimizer
 
-    def save(epoch, score):
-        """Rank 0 writes the checkpoint; a failure there stops every process."""
+    def save(epoch, score, final=False):
+        """Rank 0 writes the checkpoint; a failure there stops every process. The final one
+        records that ``after_step`` ran, and the SHA-256 of the memory written before it."""
         def write():
-            atomic_torch_save(build_checkpoint(
+            step_meta = meta
+            if final and memory is not None:
+                atomic_torch_save(memory, memory_path(ckpt_path))
+                step_meta = dict(meta, memory_sha256=sha256_of(memory_path(ckpt_path)))
+            ckpt = build_checkpoint(
                 epoch=epoch, model=models.model, optimizer=optimizer,
-                scheduler=models.scheduler, best_score=score, trainer=trainer, meta=meta,
-                val_results=val_results), ckpt_path)
+                scheduler=models.scheduler, best_score=score, trainer=trainer, meta=step_meta,
+                val_results=val_results)
+            if final:
+                ckpt["resume_state"]["after_step"] = True
+            atomic_torch_save(ckpt, ckpt_path)
             logger.info(f"[!] Checkpoint saved: {ckpt_path}")
         distributed.on_main(write)
+
+    memory = None
 
     # the last good checkpoint: the file resumed from until this run writes its own
     last_saved = (resume_path, start_epoch - 1) if start_epoch > 0 else None
@@ -64,7 +89,8 @@ def train_epochs(opts, ctx, logger, events, trainer, models, data, ckpt_path, me
                                   trainer.amp_dtype, channels_last=trainer.channels_last,
                                   losses=trainer.validation_losses,
                                   forward_kwargs=trainer.validation_kwargs(),
-                                  sample_ids=sample_ids, progress=trainer.progress)
+                                  sample_ids=sample_ids, progress=trainer.progress,
+                                  predict=trainer.predict)
             val_loss, val_score = evaluation.loss, evaluation.score
             logger.info(f"Validation, Class Loss={val_loss[0]}, Reg Loss={val_loss[1]} "
                         "(only rank 0)")
@@ -82,7 +108,11 @@ def train_epochs(opts, ctx, logger, events, trainer, models, data, ckpt_path, me
         if save_now:
             save(epoch, score)
             last_saved = (ckpt_path, epoch)
-    save(opts.epochs, best_score)
+    if not (after_step_done and start_epoch >= opts.epochs):
+        trainer.method.after_step(build.step_state(opts, ctx, models.model, models.model_old,
+                                                   data, logger))
+    memory = trainer.method.memory_state()
+    save(opts.epochs, best_score, final=True)
     if trainer.skipped_batches:
         logger.warning(f"{trainer.skipped_batches} batches skipped for a non-finite loss")
     if trainer.scaler_skipped_steps:
