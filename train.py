@@ -1,12 +1,17 @@
 """The Trainer: one training epoch, and the losses of the validation pass.
 
 The Trainer runs the parts of the step's method (``methods/``): it knows no method by name.
-The order of operations within an iteration is the original's (docs/behaviour.md §10.4):
+The order of operations within an iteration is the original's (docs/behaviour.md §10.4),
+with the lifecycle hooks of methods/base.py where they apply:
 
-    old-model forward (no grad) -> target rewriting hooks -> zero grads -> forward
+    batch on the device -> prepare_batch hooks -> old-model forward (no grad)
+    -> target rewriting hooks -> zero grads -> forward
     -> main loss + weighted terms -> backward (gradients averaged over processes by DDP)
     -> penalties: update after the backward, gradient added without a second all-reduce
-    -> optimiser step -> scheduler step
+    -> optimiser step -> after_optimizer_step hooks -> scheduler step
+
+Each epoch starts with ``model.train()`` and the ``train_mode`` hooks and ends with the
+``after_epoch`` hooks.
 """
 import contextlib
 import time
@@ -129,6 +134,7 @@ class Trainer:
                    disable=not (self.progress and self.dist.is_main))
         for cur_step, item in enumerate(train_loader):
             batch = self.make_batch(item, epoch=cur_epoch, iteration=cur_step)
+            method.prepare_batch(batch)
             images_seen += batch.images.shape[0]
             self._old_forward(batch)
             with torch.no_grad():

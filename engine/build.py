@@ -107,16 +107,21 @@ def make_network(opts, classes, pretrained=True, method=None, role="train"):
     return method.network(net, role) if method is not None else net
 
 
+def default_groups(model, opts):
+    """The optimiser groups body, head, classifiers (docs/behaviour.md §7.1), trainable
+    parameters only; one group of every trainable parameter for a network a method built
+    without that layout."""
+    names = ("head", "cls") if opts.freeze else ("body", "head", "cls")
+    if not all(hasattr(model, n) for n in ("body", "head", "cls")):
+        names = (None,)
+    return [{"params": [p for p in (getattr(model, n) if n else model).parameters()
+                        if p.requires_grad],
+             "weight_decay": opts.weight_decay} for n in names]
+
+
 def make_optimizer(model, opts, method=None):
-    """SGD with Nesterov momentum; groups body, head, classifiers (docs/behaviour.md §7.1)."""
-    groups = []
-    if not opts.freeze:
-        groups.append({"params": [p for p in model.body.parameters() if p.requires_grad],
-                       "weight_decay": opts.weight_decay})
-    groups.append({"params": [p for p in model.head.parameters() if p.requires_grad],
-                   "weight_decay": opts.weight_decay})
-    groups.append({"params": [p for p in model.cls.parameters() if p.requires_grad],
-                   "weight_decay": opts.weight_decay})
+    """SGD with Nesterov momentum over ``default_groups``, or the method's groups."""
+    groups = default_groups(model, opts)
     if method is not None:      # the parts' own groups; lr_factor scales --lr
         groups = [dict(g, lr=opts.lr * g["lr_factor"]) if "lr_factor" in g else g
                   for g in method.optimizer_groups(groups, model)]

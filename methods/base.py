@@ -38,31 +38,36 @@ again (it must give the same numbers as an uninterrupted one).
     weights and freeze parameters (``requires_grad``). Resume: runs again, then the
     checkpoint overwrites the weights and the optimiser state.
  5. ``optimizer_groups(groups, model) -> groups``: the optimiser's parameter groups (dicts
-    with ``params`` and ``weight_decay``: body, head, classifiers); return new ones, each may
+    with ``params`` and ``weight_decay``: body, head, classifiers; one group of every
+    trainable parameter for a network without that layout); return new ones, each may
     carry ``lr_factor`` (its learning rate is ``--lr`` times it). Resume: same groups.
  6. ``setup(model, model_old, trainer_state)``: when the trainer is built; ``trainer_state``
     is what the previous step saved. Resume: runs, then ``load_full_state`` restores.
  7. ``train_mode(model)``: at the start of every training epoch, right after
     ``model.train()`` (freeze batch-norm statistics). Resume: as every epoch.
- 8. ``rewrite_targets(batch)``: every training iteration, after the old model's forward and
+ 8. ``prepare_batch(batch)``: every training iteration, as soon as the batch is on the
+    device, before the old model's forward: may replace ``images``, ``labels``,
+    ``targets`` and ``extras`` (mix memory samples into the batch). Resume: a part that
+    draws its own samples keeps where it is in ``full_state``.
+ 9. ``rewrite_targets(batch)``: every training iteration, after the old model's forward and
     before the new one, without gradients: ``batch.labels`` and ``batch.pixel_weight``.
- 9. ``after_optimizer_step(batch)``: every training iteration whose step was taken, after
+10. ``after_optimizer_step(batch)``: every training iteration whose step was taken, after
     the optimiser step and before the scheduler step.
-10. ``after_epoch(epoch)``: at the end of every training epoch, before validation and
+11. ``after_epoch(epoch)``: at the end of every training epoch, before validation and
     before its checkpoint. Resume: what it changed is in that checkpoint (the weights, or
     the part's ``full_state``).
-11. ``predict(outputs) -> labels``: the label map of a batch for validation and test
+12. ``predict(outputs) -> labels``: the label map of a batch for validation and test
     (return None to leave it to the next part; default ``outputs.argmax(1)``).
-12. ``after_step(step)``: once, after the last epoch and before the step's final checkpoint
+13. ``after_step(step)``: once, after the last epoch and before the step's final checkpoint
     is written (``StepState``; may change the weights and the network's structure, e.g.
     merge branches, into the ``"final"`` network). What it changes is in that checkpoint,
     which records that it ran: a step killed after it resumes to the test, without running
     it again; one killed during it resumes from the last epoch's checkpoint and runs it again.
-13. ``memory_state()``: right after ``after_step``, what the part keeps for the next step
+14. ``memory_state()``: right after ``after_step``, what the part keeps for the next step
     (None: nothing). The engine writes the step's memories beside the checkpoint
-    (``<checkpoint>.memory.pth``, atomically, before the final checkpoint, which records
+    (``<checkpoint stem>.memory.pth``, atomically, before the final checkpoint, which records
     its SHA-256; the manifest then covers it through the checkpoint).
-14. ``state_dict()`` / ``load_state_dict()``: what goes into the checkpoint's
+15. ``state_dict()`` / ``load_state_dict()``: what goes into the checkpoint's
     ``trainer_state[state_key]`` for the next step; ``full_state()`` / ``load_full_state()``:
     what an exact resume of the step needs.
 
@@ -195,6 +200,9 @@ class Part:
         pass
 
     def train_mode(self, model):
+        pass
+
+    def prepare_batch(self, batch):
         pass
 
     def rewrite_targets(self, batch):

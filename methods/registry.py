@@ -181,6 +181,10 @@ class StepMethod:
         for p in self.parts:
             p.train_mode(model)
 
+    def prepare_batch(self, batch):
+        for p in self.parts:
+            p.prepare_batch(batch)
+
     def rewrite_targets(self, batch):
         for p in self.parts:
             p.rewrite_targets(batch)
