@@ -16,6 +16,7 @@ from .registry import (
     find_method,
     fingerprint_keys,
     method_names,
+    plain_fine_tuning,
     presets,
     register,
     state_keys,
@@ -27,5 +28,6 @@ for _family in (ft, lwf, mib, ilt, lwf_mc, regularizers, plop):
 
 __all__ = ["Batch", "MainLoss", "Method", "Part", "Penalty", "StepInfo", "StepState", "Term",
            "StepMethod", "add_arguments", "all_methods", "assemble", "check_options",
-           "families", "find_method", "fingerprint_keys", "method_names", "presets",
+           "families", "find_method", "fingerprint_keys", "method_names", "plain_fine_tuning",
+           "presets",
            "register", "state_keys", "step0_signature"]

@@ -80,6 +80,15 @@ def step0_signature(opts):
     return assemble(StepInfo(opts, classes, device=None)).signature()
 
 
+def plain_fine_tuning(opts):
+    """Whether a step of ``opts`` trains the cross-entropy alone (FT): no family adds a part
+    for these options (asked of every family, so a new method's options count too)."""
+    from . import ft
+    classes = tasks.get_per_task_classes(opts.dataset, opts.task, opts.step)
+    parts = assemble(StepInfo(opts, classes, device=None)).parts
+    return [type(p) for p in parts] == [ft.CrossEntropy]
+
+
 def assemble(info):
     """The method of one step: every family's active parts for ``info.opts``."""
     parts = [part for family in _FAMILIES for part in family.parts(info)]
