@@ -510,9 +510,7 @@ def _validate(opts, explicit):
     for option, (dest, why) in IGNORED_BY_ORIGINAL.items():
         if dest in explicit:
             warnings.append(f"{option} is ignored: {why}")
-    if opts.step > 0 and opts.method is None and not any(
-            k in explicit for k in ("loss_kd", "loss_de", "unce", "icarl", "regularizer",
-                                    "init_balanced", "bce")):
+    if opts.step > 0 and opts.method is None and methods.plain_fine_tuning(opts):
         warnings.append("no --method and no loss option given: step>0 runs plain "
                         "fine-tuning (FT)")
     return warnings

@@ -1,13 +1,20 @@
 """The Trainer: one training epoch, and the losses of the validation pass.
 
 The Trainer runs the parts of the step's method (``methods/``): it knows no method by name.
-The order of operations within an iteration is the original's (docs/behaviour.md §10.4):
+The order of operations within an iteration is the original's (docs/behaviour.md §10.4),
+with the lifecycle hooks of methods/base.py where they apply:
 
-    old-model forward (no grad) -> target rewriting hooks -> zero grads -> forward
+    batch on the device -> prepare_batch hooks -> old-model forward (no grad)
+    -> target rewriting hooks -> zero grads -> forward
     -> main loss + weighted terms -> backward (gradients averaged over processes by DDP)
     -> penalties: update after the backward (not on a step the fp16 loss scaler skips),
        gradient added without a second all-reduce
-    -> optimiser step -> scheduler step
+    -> optimiser step -> after_optimizer_step hooks -> scheduler step
+With ``--accumulate K`` the batch steps up to the backward run for each of K micro-batches,
+and the steps from the penalties on once per group (one optimiser step).
+
+Each epoch starts with ``model.train()`` and the ``train_mode`` hooks and ends with the
+``after_epoch`` hooks.
 """
 import contextlib
 import time
@@ -17,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 import methods
+from dataset.loader import as_mapping
 from segmentation_module import unwrap
 from utils import distributed
 from utils.errors import UserError
@@ -116,6 +124,14 @@ class Trainer:
         labels = labels.to(self.device, dtype=torch.long, non_blocking=True)
         return images, labels
 
+    def make_batch(self, item, **where):
+        """A ``methods.Batch`` on the device from a loader item (a mapping or a pair)."""
+        item = as_mapping(item)
+        extras = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                  for k, v in item["extras"].items()}
+        return methods.Batch(*self.to_device(item["image"], item["label"]), extras=extras,
+                             **where)
+
     def _old_forward(self, batch, validation=False):
         if self.model_old is not None and self.method.needs_old(validation):
             with self.autocast(), torch.no_grad():
@@ -131,6 +147,7 @@ class Trainer:
         method = self.method
         device = self.device
         model.train()
+        method.train_mode(unwrap(model))
         sampler = getattr(train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(cur_epoch)
@@ -148,10 +165,11 @@ class Trainer:
 
         bar = tqdm(total=n_iters, desc=f"epoch {cur_epoch + 1} of {self.epochs}", leave=False,
                    dynamic_ncols=True, disable=not (self.progress and self.dist.is_main))
-        for cur_step, (images, labels) in enumerate(train_loader):
+        for cur_step, item in enumerate(train_loader):
             # micro-batches of one optimiser step: K of them, the epoch's last group fewer
             group, first, last = micro_batch_group(cur_step, n_iters, self.accumulate)
-            batch = methods.Batch(*self.to_device(images, labels))
+            batch = self.make_batch(item, epoch=cur_epoch, iteration=cur_step)
+            method.prepare_batch(batch)
             images_seen += batch.images.shape[0]
             self._old_forward(batch)
             with torch.no_grad():
@@ -185,6 +203,7 @@ class Trainer:
                 self.scaler.update()
                 if scale_before is not None:  # a skipped step lowers the scale; counted on device
                     skipped_steps += self._scale() < scale_before
+                method.after_optimizer_step(batch)
                 if scheduler is not None:
                     scheduler.step()
 
@@ -219,6 +238,7 @@ class Trainer:
         bar.close()
         if self.scaler.is_enabled():
             self.scaler_skipped_steps += int(skipped_steps)
+        method.after_epoch(cur_epoch)
 
         # epoch statistics: sum over processes into rank 0, mean per iteration
         denom = self.dist.world_size * max(n_iters, 1)
@@ -321,7 +341,7 @@ class Trainer:
     def validation_losses(self, images, labels, outputs, features):
         """(main, other terms and penalties) of one validation batch: the terms and the
         penalty unweighted, as the original logs them (Q22). For ``engine.evaluate``."""
-        batch = methods.Batch(images, labels)
+        batch = methods.Batch(images, labels, training=False)
         batch.outputs, batch.features = outputs, features
         self._old_forward(batch, validation=True)
         main = self.method.main(batch)
@@ -335,6 +355,10 @@ class Trainer:
     def validation_kwargs(self):
         """The network outputs the validation losses read."""
         return self.method.model_kwargs(validation=True)
+
+    def predict(self, outputs):
+        """The label map of a batch's outputs (the method's rule; default argmax)."""
+        return self.method.predict(outputs)
 
     # --- state ----------------------------------------------------------------------------
     def state_dict(self):

@@ -2,11 +2,13 @@
 incremental subset of a step (image selection, index cache, transforms, label remapping)."""
 import hashlib
 import logging
+import os
+import random
 
 import torch.utils.data as data
 
 from . import index_cache
-from .errors import IndexListError, SizeMismatchError
+from .errors import DatasetLayoutError, IndexListError, SizeMismatchError
 from .io import open_image, open_mask
 from .remap import apply_lut, build_lut
 from .seeding import python_random_seeded, split_item
@@ -54,6 +56,21 @@ class SegmentationSplit(data.Dataset):
             img, mask = self.transform(img, mask)
         return img, mask
 
+    def extra_map_path(self, index, name):
+        """Where the extra per-pixel map ``name`` of entry ``index`` is: a PNG of the same
+        stem in the folder ``name`` beside the image's folder."""
+        img_path = self.images[index][0]
+        stem = os.path.splitext(os.path.basename(img_path))[0]
+        return os.path.join(os.path.dirname(os.path.dirname(img_path)), name, stem + ".png")
+
+    def load_extra(self, index, name):
+        path = self.extra_map_path(index, name)
+        if not os.path.isfile(path):
+            raise DatasetLayoutError(f"extra map '{name}' of {self.images[index][0]} not found: "
+                                     f"{path} does not exist (the method reads one per "
+                                     "training image); make the maps or choose another method")
+        return open_mask(path)
+
     def __len__(self):
         return len(self.images)
 
@@ -70,6 +87,9 @@ class IncrementalSegmentation(data.Dataset):
     # void label 0 like any label outside the step.
     zero_is_background = True
     void_value = 255
+    # names of the extra per-pixel maps read with every image (set by the engine when a
+    # method asks for them); with none, items are (image, label) as in the original
+    extra_maps = ()
 
     def __init__(self, base, train=True, transform=None, labels=None, labels_old=None,
                  idxs_path=None, masking=True, overlap=True, void_as_ignore=False,
@@ -122,6 +142,8 @@ class IncrementalSegmentation(data.Dataset):
     def __getitem__(self, item):
         index, seed = split_item(item)
         img, mask = self.base.load(self.indices[index])
+        if self.extra_maps:
+            return self._with_extras(index, seed, img, mask)
         if self.transform is not None:
             if seed is None:
                 img, mask = self.transform(img, mask)
@@ -129,6 +151,21 @@ class IncrementalSegmentation(data.Dataset):
                 with python_random_seeded(seed):
                     img, mask = self.transform(img, mask)
         return img, apply_lut(mask, self.lut)
+
+    def _with_extras(self, index, seed, img, mask):
+        """A mapping (image, label, extras): each extra map goes through the same joint
+        transform as the label, with the same draws of Python's ``random``."""
+        extras = {name: self.base.load_extra(self.indices[index], name)
+                  for name in self.extra_maps}
+        if self.transform is not None:
+            with python_random_seeded(seed if seed is not None else random.getrandbits(64)):
+                state = random.getstate()
+                img_t, mask = self.transform(img, mask)
+                for name, extra in extras.items():
+                    random.setstate(state)
+                    extras[name] = self.transform(img, extra)[1]
+            img = img_t
+        return {"image": img, "label": apply_lut(mask, self.lut), "extras": extras}
 
     def __len__(self):
         return len(self.indices)

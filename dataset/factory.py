@@ -24,11 +24,12 @@ def index_folder(opts):
     return folder + "-ov" if opts.overlap else folder
 
 
-def get_dataset(opts, step=None, rank=0):
+def get_dataset(opts, step=None, rank=0, extra_maps=()):
     """(train, val, test, number of seen classes) for ``step`` (default ``opts.step``).
 
     Only rank 0 writes index lists and shows progress bars. With --cross_val this draws
-    from the global torch RNG, as the original.
+    from the global torch RNG, as the original. ``extra_maps``: the per-pixel maps read with
+    every training image (its items are then mappings, see ``IncrementalSegmentation``).
     """
     step = opts.step if step is None else step
     labels, labels_old, _ = tasks.get_task_labels(opts.dataset, opts.task, step,
@@ -46,6 +47,7 @@ def get_dataset(opts, step=None, rank=0):
                         idxs_path=os.path.join(folder, f"train-{step}.npy"),
                         masking=not opts.no_mask, overlap=opts.overlap,
                         void_as_ignore=opts.train_void_as_ignore, **common)
+    train_dst.extra_maps = tuple(extra_maps)
     if opts.cross_val:
         train_dst, val_dst = cross_val_split(train_dst)
     else:

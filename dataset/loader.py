@@ -7,7 +7,9 @@ worker process (``base_seed + worker_id``) so that its crops and flips change wi
 ``--num_workers``: here they depend only on (seed, epoch, position), so runs with 0, 1 or 8
 workers, persistent workers, and a run resumed after a crash see the same augmented images.
 """
+import bisect
 import math
+from collections.abc import Mapping
 
 from torch.utils.data import DataLoader, Dataset, Sampler, random_split
 from torch.utils.data.distributed import DistributedSampler
@@ -86,3 +88,55 @@ def cross_val_split(dataset, train_fraction=0.8):
     n_train = int(train_fraction * len(dataset))
     train_part, val_part = random_split(dataset, [n_train, len(dataset) - n_train])
     return IndexSubset(dataset, train_part.indices), IndexSubset(dataset, val_part.indices)
+
+
+def as_mapping(sample):
+    """A sample (or a batch) as a mapping ``image``, ``label``, ``extras``: datasets give a
+    pair, or a mapping when extra per-pixel maps are read."""
+    if isinstance(sample, Mapping):
+        return {"image": sample["image"], "label": sample["label"],
+                "extras": dict(sample.get("extras") or {})}
+    image, label = sample
+    return {"image": image, "label": label, "extras": {}}
+
+
+def images_and_labels(sample):
+    """(images, labels) of a sample or batch, pair or mapping."""
+    sample = as_mapping(sample)
+    return sample["image"], sample["label"]
+
+
+class MappingDataset(Dataset):
+    """``dataset`` whose items are mappings (``as_mapping``); keys pass through."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, item):
+        return as_mapping(self.dataset[item])
+
+    def __len__(self):
+        return len(self.dataset)
+
+
+class JoinedDataset(Dataset):
+    """Datasets one after the other (a step's training set and a replay memory), passing
+    ``(index, sample_seed)`` keys through to the dataset that holds the index. Items are
+    mappings, so that parts with and without extra maps can be joined."""
+
+    def __init__(self, datasets):
+        self.datasets = list(datasets)
+        self.ends = []
+        total = 0
+        for d in self.datasets:
+            total += len(d)
+            self.ends.append(total)
+
+    def __getitem__(self, item):
+        index, seed = split_item(item)
+        k = bisect.bisect_right(self.ends, index)
+        inner = index - (self.ends[k - 1] if k else 0)
+        return as_mapping(self.datasets[k][inner if seed is None else (inner, seed)])
+
+    def __len__(self):
+        return self.ends[-1] if self.ends else 0

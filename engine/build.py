@@ -1,7 +1,8 @@
 """Building one step, in the original's order (docs/behaviour.md §10.1): seeds, datasets and
-loaders, the networks (the previous step's weights in the new and the old model), the
-method's ``before_step`` hooks, optimiser and scheduler, the DDP / compile wrappers, the
-trainer. Each function returns what it builds."""
+loaders (with what the method's parts add), the networks (the parts' ``network`` hook, the
+previous step's weights in the new and the old model), the parts' ``before_step`` hooks,
+optimiser (the parts' groups) and scheduler, the DDP / compile wrappers, the trainer. Each
+function returns what it builds."""
 import copy
 import inspect
 import random
@@ -12,12 +13,18 @@ import torch
 
 import methods
 from dataset.factory import get_dataset, index_folder
-from dataset.loader import build_loader
+from dataset.loader import MappingDataset, build_loader
 from engine.body_groups import body_param_groups
 from segmentation_module import make_model
 from train import AMP_DTYPES, Trainer, optimizer_steps
 from utils import distributed
-from utils.checkpoint import CheckpointError, check_checkpoint_fits, is_unfinished, load_model_state
+from utils.checkpoint import (
+    CheckpointError,
+    check_checkpoint_fits,
+    classes_in_state,
+    is_unfinished,
+    load_model_state,
+)
 from utils.compile import maybe_compile, unwrap
 from utils.errors import RunError
 from utils.scheduler import make_scheduler
@@ -52,12 +59,16 @@ def set_seeds(seed):
     random.seed(seed)
 
 
-def build_data(opts, ctx, logger, training=True):
-    """Datasets (index lists written by rank 0 first) and their loaders."""
+def build_data(opts, ctx, logger, training=True, method=None):
+    """Datasets (index lists written by rank 0 first; the method's extra maps and training
+    set) and their loaders, which yield mappings (``dataset.loader.as_mapping``)."""
     set_seeds(opts.random_seed)
+    extra_maps = method.extra_maps() if method is not None and training else ()
     train_dst, val_dst, test_dst, n_classes = distributed.main_first(
-        lambda: get_dataset(opts, rank=ctx.rank))
+        lambda: get_dataset(opts, rank=ctx.rank, extra_maps=extra_maps))
     random.seed(opts.random_seed)  # the dataset build may have used the generator
+    if method is not None and training:
+        train_dst = method.training_set(train_dst)
     logger.info(f"Dataset: {opts.dataset}, train set: {len(train_dst)}, "
                 f"val set: {len(val_dst)}, test set: {len(test_dst)}, n_classes: {n_classes}")
     if training and len(train_dst) == 0:
@@ -66,11 +77,13 @@ def build_data(opts, ctx, logger, training=True):
                        f"{index_folder(opts)}")
     common = dict(num_workers=opts.num_workers, seed=opts.random_seed, rank=ctx.rank,
                   world_size=ctx.world_size, pin_memory=ctx.device.type == "cuda")
-    train_loader = build_loader(train_dst, opts.batch_size, shuffle=True, drop_last=True,
-                                **common)
+    train_loader = build_loader(MappingDataset(train_dst), opts.batch_size, shuffle=True,
+                                drop_last=True, **common)
     eval_batch = opts.batch_size if opts.crop_val else 1
-    val_loader = build_loader(val_dst, eval_batch, shuffle=True, drop_last=False, **common)
-    test_loader = build_loader(test_dst, eval_batch, shuffle=True, drop_last=False, **common)
+    val_loader = build_loader(MappingDataset(val_dst), eval_batch, shuffle=True,
+                              drop_last=False, **common)
+    test_loader = build_loader(MappingDataset(test_dst), eval_batch, shuffle=True,
+                               drop_last=False, **common)
     if training and len(train_loader) == 0:
         raise RunError(f"the training set of step {opts.step} has {len(train_dst)} images, "
                        f"fewer than one batch of {opts.batch_size} per process; lower "
@@ -83,25 +96,36 @@ def memory_format(opts):
     return torch.channels_last if opts.channels_last == "on" else torch.contiguous_format
 
 
-def make_network(opts, classes, pretrained=True):
+def make_network(opts, classes, pretrained=True, method=None, role="train"):
     """A network for ``classes``; ImageNet weights only when asked and the options want them
-    (weights that a checkpoint overwrites need no ImageNet file: same numbers)."""
+    (weights that a checkpoint overwrites need no ImageNet file: same numbers). ``method``'s
+    parts may change it for its ``role`` (``train``, ``old`` or ``final``)."""
     net_opts = opts
     if not pretrained and not opts.no_pretrained:
         net_opts = copy.copy(opts)
         net_opts.no_pretrained = True
-    return make_model(net_opts, classes=classes)
+    net = make_model(net_opts, classes=classes)
+    return method.network(net, role) if method is not None else net
 
 
-def make_optimizer(model, opts):
-    """SGD with Nesterov momentum; groups body, head, classifiers (docs/behaviour.md §7.1)."""
-    groups = []
-    if not opts.freeze:
-        groups += body_param_groups(model.body, opts)
-    groups.append({"params": [p for p in model.head.parameters() if p.requires_grad],
-                   "weight_decay": opts.weight_decay})
-    groups.append({"params": [p for p in model.cls.parameters() if p.requires_grad],
-                   "weight_decay": opts.weight_decay})
+def default_groups(model, opts):
+    """The optimiser groups body (``body_param_groups``), head, classifiers
+    (docs/behaviour.md §7.1), trainable parameters only; one group of every trainable
+    parameter for a network a method built without that layout."""
+    if not all(hasattr(model, n) for n in ("body", "head", "cls")):
+        return [{"params": [p for p in model.parameters() if p.requires_grad],
+                 "weight_decay": opts.weight_decay}]
+    groups = [] if opts.freeze else body_param_groups(model.body, opts)
+    return groups + [{"params": [p for p in getattr(model, n).parameters() if p.requires_grad],
+                      "weight_decay": opts.weight_decay} for n in ("head", "cls")]
+
+
+def make_optimizer(model, opts, method=None):
+    """SGD with Nesterov momentum over ``default_groups``, or the method's groups."""
+    groups = default_groups(model, opts)
+    if method is not None:      # the parts' own groups; lr_factor scales --lr
+        groups = [dict(g, lr=opts.lr * g["lr_factor"]) if "lr_factor" in g else g
+                  for g in method.optimizer_groups(groups, model)]
     kernel = sgd_kernel(next(model.parameters()).is_cuda, opts.amp)
     return torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum, nesterov=True, **kernel)
 
@@ -125,7 +149,7 @@ def wrap_ddp(model, ctx):
     no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in
                inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
     # a timm body's stage norms get no gradient when no loss reads them (docs §20, W11)
-    unused = getattr(unwrap(model).body, "has_unused_parameters", False)
+    unused = getattr(getattr(unwrap(model), "body", None), "has_unused_parameters", False)
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused,
                                    **{no_sync: False})
 
@@ -135,31 +159,38 @@ def step_info(opts, ctx, classes, logger=None):
                             world_size=ctx.world_size, logger=logger)
 
 
+def step_state(opts, ctx, model, model_old, data, logger):
+    """What ``before_step`` and ``after_step`` hooks work on."""
+    return methods.StepState(model=model, model_old=model_old, train_loader=data.train_loader,
+                             device=ctx.device, logger=logger, amp_dtype=AMP_DTYPES[opts.amp])
+
+
 def build_models(opts, ctx, classes, data, method, logger, prev_ckpt=None, prev_path=None):
-    """The network (and the old one at step > 0) with the previous step's weights, the
-    method's ``before_step`` hooks run on them, the optimiser, the scheduler, the wrappers."""
+    """The network (and the old one at step > 0) as the method's parts build them, with the
+    previous step's weights, the parts' ``before_step`` hooks run on them (every step), the
+    optimiser with the parts' groups, the scheduler, the wrappers. No random number is drawn
+    between the network's initialisation and ``before_step``."""
     device = ctx.device
     later = opts.step > 0
-    model = make_network(opts, classes, pretrained=not later)
-    model_old = make_network(opts, classes[:-1], pretrained=False) if later else None
+    model = make_network(opts, classes, pretrained=not later, method=method, role="train")
+    model_old = (make_network(opts, classes[:-1], pretrained=False, method=method, role="old")
+                 if later else None)
     if opts.fix_bn:
         model.fix_bn()
     model.to(device, memory_format=memory_format(opts))
     if model_old is not None:
         model_old.to(device, memory_format=memory_format(opts))
-    optimizer = make_optimizer(model, opts)
+    prev_trainer_state = None
+    if later:
+        prev_trainer_state = load_previous_step(opts, classes, model, model_old, prev_ckpt,
+                                                prev_path, logger)
+    method.before_step(step_state(opts, ctx, model, model_old, data, logger))
+    optimizer = make_optimizer(model, opts, method)
     # the poly schedule counts optimiser steps (--accumulate K: one per K batches)
     n_steps = opts.epochs * optimizer_steps(len(data.train_loader), opts.accumulate)
     scheduler = make_scheduler(optimizer, opts.lr_policy, n_steps,
                                power=opts.lr_power, decay_step=opts.lr_decay_step,
                                decay_factor=opts.lr_decay_factor)
-    prev_trainer_state = None
-    if later:
-        prev_trainer_state = load_previous_step(opts, classes, model, model_old, prev_ckpt,
-                                                prev_path, logger)
-        method.before_step(methods.StepState(model=model, model_old=model_old,
-                                             train_loader=data.train_loader, device=device,
-                                             logger=logger, amp_dtype=AMP_DTYPES[opts.amp]))
     train_model = maybe_compile(wrap_ddp(model, ctx), opts.compile)
     return StepModels(model, model_old, train_model, optimizer, scheduler, prev_trainer_state)
 
@@ -172,7 +203,8 @@ def load_previous_step(opts, classes, model, model_old, ckpt, path, logger):
         logger.warning(f"previous-step checkpoint {path} not found; continuing because of "
                        "--debug (the old model keeps random weights)")
     else:
-        check_checkpoint_fits(ckpt, path, opts, classes[:-1], "previous-step checkpoint")
+        check_checkpoint_fits(ckpt, path, opts, network_classes(model_old),
+                              "previous-step checkpoint")
         if is_unfinished(ckpt):
             msg = (f"previous-step checkpoint {path} is from an unfinished run (epoch "
                    f"{ckpt['epoch'] + 1} of {ckpt['meta']['epochs']}); finish step "
@@ -189,6 +221,12 @@ def load_previous_step(opts, classes, model, model_old, ckpt, path, logger):
         p.requires_grad = False
     model_old.eval()
     return state
+
+
+def network_classes(net):
+    """Classes per step of ``net``'s classifiers (``cls.<k>``): what a checkpoint must hold
+    to load into it (a method's network may add channels, or have no such classifiers)."""
+    return classes_in_state(unwrap(net).state_dict())
 
 
 def build_trainer(opts, ctx, classes, models, method, logger):

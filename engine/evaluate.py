@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from dataset.loader import images_and_labels
 from metrics import StreamSegMetrics
 from utils import distributed
 from utils.checkpoint import check_checkpoint_fits, load_model_state, load_trusted
 
-from .build import make_network, memory_format, wrap_ddp
+from .build import make_network, memory_format, network_classes, wrap_ddp
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +28,13 @@ class Evaluation:
 
 
 def evaluate(model, loader, metrics, device, amp_dtype=None, *, channels_last=False,
-             losses=None, forward_kwargs=None, sample_ids=(), progress=True, desc="validate"):
+             losses=None, forward_kwargs=None, sample_ids=(), progress=True, desc="validate",
+             predict=None):
     """Predictions of ``model`` (eval mode, ``torch.inference_mode``, autocast to
     ``amp_dtype`` if given) on every batch of ``loader``, counted in ``metrics`` and summed
     over processes on rank 0. ``losses(images, labels, outputs, features) -> (main, reg)``
-    adds the loss figures; ``sample_ids`` are the batch indices whose first image is kept."""
+    adds the loss figures; ``sample_ids`` are the batch indices whose first image is kept;
+    ``predict(outputs)`` gives the label map (the method's rule; default argmax)."""
     ctx = distributed.context()
     metrics.reset()
     model.eval()
@@ -45,9 +48,9 @@ def evaluate(model, loader, metrics, device, amp_dtype=None, *, channels_last=Fa
     images_seen = 0
     start = time.perf_counter()
     with torch.inference_mode():
-        for i, (images, labels) in enumerate(tqdm(loader, desc=desc, leave=False,
-                                                  dynamic_ncols=True,
-                                                  disable=not (progress and ctx.is_main))):
+        for i, item in enumerate(tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
+                                      disable=not (progress and ctx.is_main))):
+            images, labels = images_and_labels(item)
             images = images.to(device, dtype=torch.float32, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -59,7 +62,7 @@ def evaluate(model, loader, metrics, device, amp_dtype=None, *, channels_last=Fa
                     main, reg = losses(images, labels, outputs, features)
                     main_sum += main
                     reg_sum += reg
-            prediction = outputs.argmax(dim=1)
+            prediction = outputs.argmax(dim=1) if predict is None else predict(outputs)
             metrics.update(labels, prediction)
             if i in wanted:
                 samples.append((images[0].float().cpu().numpy(), labels[0].cpu().numpy(),
@@ -88,14 +91,15 @@ def _warn_if_padded(loader, ctx):
 
 
 def test_phase(opts, ctx, classes, test_loader, n_classes, ckpt_path, logger,
-               val_results=None, on_loaded=None):
-    """The test phase: a fresh network loaded strictly from the step's checkpoint (or
-    ``--ckpt``), evaluated in fp32 as the original tests outside apex AMP, so ``--test``
-    reproduces the figures of the training run exactly. Returns (Evaluation, val_results
-    recorded in the checkpoint). ``on_loaded()`` is called once the checkpoint is loaded."""
+               val_results=None, method=None, on_loaded=None):
+    """The test phase: a fresh network (as ``method`` builds its ``final`` network) loaded
+    strictly from the step's checkpoint (or ``--ckpt``), evaluated in fp32 as the original
+    tests outside apex AMP, with the method's ``predict``, so ``--test`` reproduces the
+    figures of the training run exactly. Returns (Evaluation, val_results recorded in the
+    checkpoint). ``on_loaded()`` is called once the checkpoint is loaded."""
     ckpt = load_trusted(ckpt_path, "checkpoint")
-    check_checkpoint_fits(ckpt, ckpt_path, opts, classes, "checkpoint")
-    model = make_network(opts, classes, pretrained=False)
+    model = make_network(opts, classes, pretrained=False, method=method, role="final")
+    check_checkpoint_fits(ckpt, ckpt_path, opts, network_classes(model), "checkpoint")
     load_model_state(model, ckpt["model_state"], strict=True, source=f"checkpoint {ckpt_path}")
     if on_loaded is not None:
         on_loaded()
@@ -106,5 +110,5 @@ def test_phase(opts, ctx, classes, test_loader, n_classes, ckpt_path, logger,
     logger.info(f"Testing {ckpt_path} on {len(test_loader.dataset)} images")
     result = evaluate(model, test_loader, StreamSegMetrics(n_classes), ctx.device,
                       channels_last=opts.channels_last == "on", progress=not opts.no_progress,
-                      desc="test")
+                      desc="test", predict=method.predict if method is not None else None)
     return result, recorded

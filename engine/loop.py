@@ -1,38 +1,63 @@
 """The epoch loop of a step (docs/behaviour.md §10.2): train, validate every
 ``--val_interval`` epochs, write the step checkpoint after each validation (and every
-``--ckpt_interval`` epochs, for resuming) and once more after the last epoch."""
+``--ckpt_interval`` epochs, for resuming) and once more after the last epoch, after the
+method's ``after_step`` hooks (and the memory they keep, written beside it first)."""
+import os
+
 from metrics import StreamSegMetrics
 from train import NonFiniteLossError, format_seconds
 from utils import distributed
-from utils.checkpoint import atomic_torch_save, build_checkpoint, cuda_rng_state
+from utils.checkpoint import atomic_torch_save, build_checkpoint, cuda_rng_state, sha256_of
 from utils.colormap import colormap, sample_panel
 from utils.events import finite_or_none, peak_memory
 
+from . import build
 from .evaluate import evaluate
+
+
+def memory_path(ckpt_path):
+    """Where a step's kept memory (``memory_state`` of its parts) is: beside its checkpoint."""
+    return os.path.splitext(ckpt_path)[0] + ".memory.pth"
+
+
+def after_step_ran(ckpt):
+    """Whether a checkpoint was written after its step's ``after_step`` hooks."""
+    return bool((ckpt.get("resume_state") or {}).get("after_step"))
 
 
 def train_epochs(opts, ctx, logger, events, trainer, models, data, ckpt_path, meta, *,
                  start_epoch=0, best_score=0.0, val_results=None, sample_ids=(),
-                 resume_path=None, cost=None):
-    """Epochs ``start_epoch`` .. ``opts.epochs - 1``; returns the last validation's
+                 resume_path=None, after_step_done=False, cost=None):
+    """Epochs ``start_epoch`` .. ``opts.epochs - 1``, then the method's ``after_step``
+    (unless ``after_step_done`` and no epoch was left); returns the last validation's
     per-class results (for the test phase's table)."""
     val_metrics = StreamSegMetrics(data.n_classes)
     optimizer = models.optimizer
 
-    def save(epoch, score, note=None):
+    def save(epoch, score, note=None, final=False):
         """Rank 0 writes the checkpoint (with every process's CUDA RNG state); a failure
-        there stops every process. ``note``: the log line's reason (None: no line, the
-        file is written again at once)."""
+        there stops every process. ``note``: the log line's reason (None: no line, the file
+        is written again at once). The final one records that ``after_step`` ran, and the
+        SHA-256 of the memory written before it."""
         cuda_rng = distributed.all_gather_object(cuda_rng_state(ctx.device))
 
         def write():
-            atomic_torch_save(build_checkpoint(
+            step_meta = meta
+            if final and kept is not None:
+                atomic_torch_save(kept, memory_path(ckpt_path))
+                step_meta = dict(meta, memory_sha256=sha256_of(memory_path(ckpt_path)))
+            ckpt = build_checkpoint(
                 epoch=epoch, model=models.model, optimizer=optimizer,
-                scheduler=models.scheduler, best_score=score, trainer=trainer, meta=meta,
-                val_results=val_results, cuda_rng_by_rank=cuda_rng), ckpt_path)
+                scheduler=models.scheduler, best_score=score, trainer=trainer, meta=step_meta,
+                val_results=val_results, cuda_rng_by_rank=cuda_rng)
+            if final:
+                ckpt["resume_state"]["after_step"] = True
+            atomic_torch_save(ckpt, ckpt_path)
             if note is not None:
                 logger.info(f"[!] Checkpoint saved: {ckpt_path} ({note})")
         distributed.on_main(write)
+
+    kept = None     # what the parts keep for the next step (memory_state), at the end
 
     # the last good checkpoint: the file resumed from until this run writes its own
     last_saved = (resume_path, start_epoch - 1) if start_epoch > 0 else None
@@ -76,7 +101,8 @@ def train_epochs(opts, ctx, logger, events, trainer, models, data, ckpt_path, me
                                   trainer.amp_dtype, channels_last=trainer.channels_last,
                                   losses=trainer.validation_losses,
                                   forward_kwargs=trainer.validation_kwargs(),
-                                  sample_ids=sample_ids, progress=trainer.progress)
+                                  sample_ids=sample_ids, progress=trainer.progress,
+                                  predict=trainer.predict)
             val_loss, val_score = evaluation.loss, evaluation.score
             logger.info(f"Validation, Class Loss={val_loss[0]}, Reg Loss={val_loss[1]} "
                         "(only rank 0)")
@@ -95,7 +121,11 @@ def train_epochs(opts, ctx, logger, events, trainer, models, data, ckpt_path, me
             last = epoch + 1 == opts.epochs   # written again just below: logged once, there
             save(epoch, score, None if last else f"after epoch {epoch + 1} of {opts.epochs}")
             last_saved = (ckpt_path, epoch)
-    save(opts.epochs, best_score, "step finished")
+    if not (after_step_done and start_epoch >= opts.epochs):
+        trainer.method.after_step(build.step_state(opts, ctx, models.model, models.model_old,
+                                                   data, logger))
+    kept = trainer.method.memory_state()
+    save(opts.epochs, best_score, "step finished", final=True)
     if trainer.skipped_batches:
         logger.warning(f"{trainer.skipped_batches} batches skipped for a non-finite loss")
     if trainer.scaler_skipped_steps:

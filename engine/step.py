@@ -11,12 +11,14 @@ import tasks
 from metrics import StreamSegMetrics
 from utils import distributed
 from utils.checkpoint import (
+    CheckpointError,
     check_resumable,
     checkpoint_meta,
     load_trusted,
     restore_checkpoint,
     restore_rng_states,
     rng_states,
+    sha256_of,
 )
 from utils.cost import StepCost
 from utils.errors import UserError
@@ -27,7 +29,7 @@ from utils.results import class_iou_figure, load_results, result_paths, write_re
 
 from . import build
 from .evaluate import test_phase
-from .loop import eval_figures, train_epochs
+from .loop import after_step_ran, eval_figures, memory_path, train_epochs
 from .plan import preflight, run_fingerprint, step_paths
 from .summary import print_summary
 
@@ -62,6 +64,9 @@ def run_step(opts, ctx):
         resume_ckpt = load_trusted(resume_path, "checkpoint")
         if plan == "auto":
             check_resumable(resume_ckpt, resume_path, fingerprint_now)
+            if after_step_ran(resume_ckpt):
+                # killed after the final checkpoint was written: what is left is the test
+                plan, resume_ckpt = "test", None
 
     logger = Logger(paths.logdir, rank=ctx.rank, debug=opts.debug, summary=opts.visualize,
                     step=opts.step, hold_file=True,    # log.txt: from logger.keep() on
@@ -72,21 +77,25 @@ def run_step(opts, ctx):
                     f"precision: {opts.amp}, norm: {opts.norm_act} ({opts.norm_impl})")
         for w in opts.warnings:
             logger.warning(w)
-        data = build.build_data(opts, ctx, logger, training=plan != "test")
+        # the method first: the data may depend on it (extra maps, a replay memory)
+        method = methods.assemble(build.step_info(opts, ctx, classes, logger))
+        if plan != "test":
+            method.load_memory(previous_memory(prev_ckpt, paths.prev))
+        data = build.build_data(opts, ctx, logger, training=plan != "test", method=method)
         val_results, cost = None, None
         if plan == "test":
             # PLOP's protocol tests the step's own checkpoint, also when --ckpt names one (P19)
             test_path = paths.ckpt if opts.protocol == "plop" else (opts.ckpt or paths.ckpt)
         else:
-            method = methods.assemble(build.step_info(opts, ctx, classes, logger))
             models = build.build_models(opts, ctx, classes, data, method, logger,
                                         prev_ckpt=prev_ckpt, prev_path=paths.prev)
             del prev_ckpt
             trainer = build.build_trainer(opts, ctx, classes, models, method, logger)
             cost = StepCost(models.model, ctx.device, ctx.world_size, opts.batch_size,
                             opts.accumulate)
-            start_epoch, best_score, resumed_rng = 0, 0.0, None
+            start_epoch, best_score, resumed_rng, after_step_done = 0, 0.0, None, False
             if resume_ckpt is not None:
+                after_step_done = after_step_ran(resume_ckpt)
                 start_epoch, best_score, val_results = restore_checkpoint(
                     resume_ckpt, resume_path, model=models.model, optimizer=models.optimizer,
                     scheduler=models.scheduler, trainer=trainer)
@@ -115,20 +124,20 @@ def run_step(opts, ctx):
                 opts, ctx, logger, events, trainer, models, data, paths.ckpt,
                 checkpoint_meta(opts, classes, fingerprint_now), start_epoch=start_epoch,
                 best_score=best_score, val_results=val_results, sample_ids=sample_ids,
-                resume_path=resume_path, cost=cost)
+                resume_path=resume_path, after_step_done=after_step_done, cost=cost)
             cost.finish()
             test_path = paths.ckpt
             del trainer, models
         evaluation, val_results = test_phase(opts, ctx, classes, data.test_loader,
                                              data.n_classes, test_path, logger, val_results,
-                                             on_loaded=logger.keep)
+                                             method=method, on_loaded=logger.keep)
         report_test(opts, logger, evaluation.score, val_results)
         events.write("eval", split="test", step=opts.step, epoch=None,
                      **eval_figures(evaluation))
         distributed.on_main(lambda: save_results(opts, paths.logdir, evaluation.score, logger,
                                                       cost))
         logger.flush()
-        if plan != "test":
+        if not opts.test:
             summary = {"mean_iou": float(evaluation.score["Mean IoU"]),
                        "overall_acc": float(evaluation.score["Overall Acc"])}
             distributed.on_main(lambda: manifest.mark_finished(
@@ -140,6 +149,24 @@ def run_step(opts, ctx):
         raise
     finally:
         logger.close()    # also when a step fails half-way: detach its handlers
+
+
+def previous_memory(prev_ckpt, prev_path):
+    """What the previous step's parts kept (``memory_state``), from the file beside its
+    checkpoint, checked against the SHA-256 that checkpoint records; None if it kept none."""
+    expected = ((prev_ckpt or {}).get("meta") or {}).get("memory_sha256")
+    if expected is None:
+        return None
+    path = memory_path(prev_path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"the memory of the previous step {path} is missing (its "
+                              f"checkpoint {prev_path} records one); train step again or "
+                              "restore the file")
+    if sha256_of(path) != expected:
+        raise CheckpointError(f"the memory of the previous step {path} does not match its "
+                              f"checkpoint {prev_path} (another run's file?); train that step "
+                              "again or restore the file")
+    return load_trusted(path, "memory of the previous step")
 
 
 def pick_sample_ids(opts, ctx, n_batches, logger):

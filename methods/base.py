@@ -12,17 +12,64 @@ step and returns the *parts* that are active for them. A part is one of
   all-reduce (the weight-importance regularisers);
 * ``Part``: hooks only (a classifier initialisation, pseudo-labels).
 
-Every part may implement the hooks below; the ``Trainer`` calls them and knows no method:
+The lifecycle of a step: every part may implement the hooks below (all optional). The
+engine and the ``Trainer`` call them in this order and know no method; the parts of a step
+are called in registration order. "Resume" says what happens when a killed step is run
+again (it must give the same numbers as an uninterrupted one).
 
-* ``before_step(step)``: once, before the trainer of a step is built (also when it resumes),
-  with the bare model, the old model and the training loader (``StepState``);
-* ``setup(model, model_old, trainer_state)``: when the trainer is built; ``trainer_state`` is
-  what the previous step saved;
-* ``rewrite_targets(batch)``: every training iteration, after the old model's forward and
-  before the new one (the batch's ``labels`` and ``pixel_weight`` may be replaced);
-* ``state_dict()`` / ``load_state_dict()``: what goes into the checkpoint's
-  ``trainer_state[state_key]`` for the next step; ``full_state()`` / ``load_full_state()``:
-  what an exact resume of the step needs.
+ 1. ``load_memory(memory)``: when the step starts, before the datasets are built, with what
+    the part kept at the end of the previous step (``memory_state``); not called when the
+    previous step kept nothing. Resume: called again with the same file.
+ 2. ``training_set(dataset) -> dataset``: the step's training set (a dataset yielding
+    ``(image, label)`` or a mapping, taking ``(index, sample_seed)`` keys like
+    ``dataset.loader.IndexSubset``); return it, or a bigger one (a replay memory:
+    ``dataset.loader.JoinedDataset``). Extra per-pixel maps are asked for with the class
+    attribute ``extra_maps`` (names of folders beside the training images); they reach the
+    batch as ``batch.extras[name]``. Resume: called again, same result.
+ 3. ``network(net, role) -> net``: on every freshly built network of the step, before any
+    weights are loaded into it: ``role`` is ``"train"`` (the network trained), ``"old"``
+    (the previous step's network, into which its final checkpoint loads strictly) or
+    ``"final"`` (the network the step's final checkpoint loads into strictly: ``--test``).
+    May change it in place or return another module (an output channel, branches, another
+    classifier or backbone). Resume: the same networks are built again.
+ 4. ``before_step(step)``: every step (step 0 too), after the previous step's weights are
+    loaded and before the optimiser is built; ``step`` is a ``StepState`` (bare ``model``,
+    ``model_old``, ``train_loader``, ``device``, ``logger``, ``autocast()``). May change the
+    weights and freeze parameters (``requires_grad``). Resume: runs again, then the
+    checkpoint overwrites the weights and the optimiser state.
+ 5. ``optimizer_groups(groups, model) -> groups``: the optimiser's parameter groups (dicts
+    with ``params`` and ``weight_decay``: body, head, classifiers; one group of every
+    trainable parameter for a network without that layout); return new ones, each may
+    carry ``lr_factor`` (its learning rate is ``--lr`` times it). Resume: same groups.
+ 6. ``setup(model, model_old, trainer_state)``: when the trainer is built; ``trainer_state``
+    is what the previous step saved. Resume: runs, then ``load_full_state`` restores.
+ 7. ``train_mode(model)``: at the start of every training epoch, right after
+    ``model.train()`` (freeze batch-norm statistics). Resume: as every epoch.
+ 8. ``prepare_batch(batch)``: every training iteration, as soon as the batch is on the
+    device, before the old model's forward: may replace ``images``, ``labels``,
+    ``targets`` and ``extras`` (mix memory samples into the batch). Resume: a part that
+    draws its own samples keeps where it is in ``full_state``.
+ 9. ``rewrite_targets(batch)``: every training iteration, after the old model's forward and
+    before the new one, without gradients: ``batch.labels`` and ``batch.pixel_weight``.
+10. ``after_optimizer_step(batch)``: every training iteration whose step was taken, after
+    the optimiser step and before the scheduler step.
+11. ``after_epoch(epoch)``: at the end of every training epoch, before validation and
+    before its checkpoint. Resume: what it changed is in that checkpoint (the weights, or
+    the part's ``full_state``).
+12. ``predict(outputs) -> labels``: the label map of a batch for validation and test
+    (return None to leave it to the next part; default ``outputs.argmax(1)``).
+13. ``after_step(step)``: once, after the last epoch and before the step's final checkpoint
+    is written (``StepState``; may change the weights and the network's structure, e.g.
+    merge branches, into the ``"final"`` network). What it changes is in that checkpoint,
+    which records that it ran: a step killed after it resumes to the test, without running
+    it again; one killed during it resumes from the last epoch's checkpoint and runs it again.
+14. ``memory_state()``: right after ``after_step``, what the part keeps for the next step
+    (None: nothing). The engine writes the step's memories beside the checkpoint
+    (``<checkpoint stem>.memory.pth``, atomically, before the final checkpoint, which records
+    its SHA-256; the manifest then covers it through the checkpoint).
+15. ``state_dict()`` / ``load_state_dict()``: what goes into the checkpoint's
+    ``trainer_state[state_key]`` for the next step; ``full_state()`` / ``load_full_state()``:
+    what an exact resume of the step needs.
 
 Parts declare what they read from the networks: ``needs_old`` (the old model's outputs)
 and ``features`` (extra outputs of the network: ``"body"``, ``"pre_logits"``,
@@ -95,17 +142,21 @@ class StepState:
 class Batch:
     """One iteration's tensors. ``labels`` may be rewritten by a hook (the loader's targets
     stay in ``targets``); ``pixel_weight`` (None, or broadcastable to B x H x W) multiplies
-    the main loss of each pixel."""
-    __slots__ = ("images", "targets", "labels", "pixel_weight", "outputs", "features",
-                 "outputs_old", "features_old")
+    the main loss of each pixel; ``extras`` holds the extra per-pixel maps of the data (by
+    name) and whatever the parts add; ``training`` is False in validation; ``epoch`` and
+    ``iteration`` say where in the step the batch is (None in validation)."""
 
-    def __init__(self, images, labels):
+    def __init__(self, images, labels, extras=None, training=True, epoch=None, iteration=None):
         self.images = images
         self.targets = labels
         self.labels = labels
         self.pixel_weight = None
         self.outputs = self.features = None
         self.outputs_old = self.features_old = None
+        self.extras = dict(extras or {})
+        self.training = training
+        self.epoch = epoch
+        self.iteration = iteration
 
 
 class Part:
@@ -117,6 +168,7 @@ class Part:
     in_epoch_loss = True        # counted in the epoch's loss statistics
     state_key = None            # its entry of the checkpoint's trainer_state
     reads = ()                  # the options it reads beyond its activation (signature)
+    extra_maps = ()             # extra per-pixel maps read with every training image
 
     def __init__(self, info):
         self.info = info
@@ -128,14 +180,48 @@ class Part:
                 getattr(self, "weight", None),
                 tuple((name, repr(getattr(self.info.opts, name))) for name in self.reads))
 
+    # the hooks, in the order they run (module docstring)
+    def load_memory(self, memory):
+        pass
+
+    def training_set(self, dataset):
+        return dataset
+
+    def network(self, net, role):
+        return net
+
     def before_step(self, step):
         pass
+
+    def optimizer_groups(self, groups, model):
+        return groups
 
     def setup(self, model, model_old, trainer_state):
         pass
 
+    def train_mode(self, model):
+        pass
+
+    def prepare_batch(self, batch):
+        pass
+
     def rewrite_targets(self, batch):
         pass
+
+    def after_optimizer_step(self, batch):
+        pass
+
+    def after_epoch(self, epoch):
+        pass
+
+    def predict(self, outputs):
+        return None
+
+    def after_step(self, step):
+        pass
+
+    def memory_state(self):
+        return None
 
     def state_dict(self):
         return None

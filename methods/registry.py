@@ -88,6 +88,15 @@ def step0_signature(opts):
     return assemble(StepInfo(opts, classes, device=None)).signature()
 
 
+def plain_fine_tuning(opts):
+    """Whether a step of ``opts`` trains the cross-entropy alone (FT): no family adds a part
+    for these options (asked of every family, so a new method's options count too)."""
+    from . import ft
+    classes = tasks.get_per_task_classes(opts.dataset, opts.task, opts.step)
+    parts = assemble(StepInfo(opts, classes, device=None)).parts
+    return [type(p) for p in parts] == [ft.CrossEntropy]
+
+
 def assemble(info):
     """The method of one step: every family's active parts for ``info.opts``."""
     parts = [part for family in _FAMILIES for part in family.parts(info)]
@@ -138,18 +147,84 @@ class StepMethod:
         trainer state."""
         return tuple(p.signature() for p in self.parts)
 
-    # --- hooks ----------------------------------------------------------------------------
+    # --- hooks (methods/base.py lists them in the order they run) ---------------------------
+    def extra_maps(self):
+        """The extra per-pixel maps the parts read with every training image, in order."""
+        names = []
+        for p in self.parts:
+            names += [n for n in p.extra_maps if n not in names]
+        return tuple(names)
+
+    def _memory_key(self, part):
+        return part.state_key or part.name
+
+    def load_memory(self, memories):
+        """``memories``: what the previous step kept, by part key (``memory_state``)."""
+        for p in self.parts:
+            key = self._memory_key(p)
+            if memories and memories.get(key) is not None:
+                p.load_memory(memories[key])
+
+    def memory_state(self):
+        """What the parts keep for the next step, by key; None when nothing is kept."""
+        kept = {self._memory_key(p): p.memory_state() for p in self.parts}
+        kept = {k: v for k, v in kept.items() if v is not None}
+        return kept or None
+
+    def training_set(self, dataset):
+        for p in self.parts:
+            dataset = p.training_set(dataset)
+        return dataset
+
+    def network(self, net, role):
+        for p in self.parts:
+            net = p.network(net, role)
+        return net
+
     def before_step(self, step):
         for p in self.parts:
             p.before_step(step)
+
+    def optimizer_groups(self, groups, model):
+        for p in self.parts:
+            groups = p.optimizer_groups(groups, model)
+        return groups
 
     def setup(self, model, model_old, trainer_state):
         for p in self.parts:
             p.setup(model, model_old, trainer_state)
 
+    def train_mode(self, model):
+        for p in self.parts:
+            p.train_mode(model)
+
+    def prepare_batch(self, batch):
+        for p in self.parts:
+            p.prepare_batch(batch)
+
     def rewrite_targets(self, batch):
         for p in self.parts:
             p.rewrite_targets(batch)
+
+    def after_optimizer_step(self, batch):
+        for p in self.parts:
+            p.after_optimizer_step(batch)
+
+    def after_epoch(self, epoch):
+        for p in self.parts:
+            p.after_epoch(epoch)
+
+    def predict(self, outputs):
+        """The label map of ``outputs``: the first part that gives one, else the argmax."""
+        for p in self.parts:
+            labels = p.predict(outputs)
+            if labels is not None:
+                return labels
+        return outputs.argmax(dim=1)
+
+    def after_step(self, step):
+        for p in self.parts:
+            p.after_step(step)
 
     def term_values(self, batch, validation=False):
         """(term, unweighted value) of every term active in this pass, in order."""

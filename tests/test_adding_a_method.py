@@ -96,3 +96,15 @@ def test_the_new_method_runs_end_to_end(l2d, synthetic_voc, tmp_path, monkeypatc
     assert "l2" not in epochs[0]["losses"] and epochs[1]["losses"]["l2"] > 0
     ckpt = torch.load(tmp_path / "checkpoints/step/15-5-voc_l2d_1.pth", weights_only=False)
     assert ckpt["meta"]["fingerprint"]["loss_l2"] == 10.0
+
+
+def test_the_registration_snippet_keeps_every_family_in_order():
+    """Copied literally, the page's snippet must register every existing family (in the
+    order that is part of the numbers) and then the new one."""
+    [snippet] = [b for b in re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+                 if "register(_family)" in b]
+    listed = re.search(r"for _family in \((.*?)\):", snippet).group(1).split(", ")
+    imported = re.search(r"from \. import (.*)\n", snippet).group(1).split(", ")
+    existing = [family.__name__.rsplit(".", 1)[1] for family in registry.families()]
+    assert listed == existing + ["l2_distill"]
+    assert sorted(imported) == sorted(listed)

@@ -210,6 +210,11 @@ def test_warnings_for_options_without_effect():
     assert any("--icarl_disjoint" in w for w in parse_options(["--icarl_disjoint"]).warnings)
     assert any("plain fine-tuning" in w
                for w in parse_options(["--task", "15-5", "--step", "1"]).warnings)
+    # the registry says whether a part is active: PLOP's options alone train more than FT
+    assert not any("plain fine-tuning" in w for w in parse_options(
+        ["--task", "15-5", "--step", "1", "--pod", "local", "--pseudo", "entropy"]).warnings)
+    assert any("plain fine-tuning" in w for w in parse_options(
+        ["--task", "15-5", "--step", "1", "--loss_kd", "0"]).warnings)
 
 
 def test_step_ckpt_belongs_to_the_first_step_of_a_list():

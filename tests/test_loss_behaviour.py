@@ -14,7 +14,6 @@ from utils.loss import (
     PixelCrossEntropy,
     UnbiasedCrossEntropy,
     UnbiasedKnowledgeDistillationLoss,
-    make_main_criterion,
 )
 
 B, C, H, W, C_OLD = 2, 6, 3, 4, 4
@@ -228,9 +227,9 @@ def test_mean_of_an_all_ignored_batch_is_nan_as_the_original(cls):
 
 def test_trainer_criterion_averages_over_every_pixel():
     """The trainer's reduction ('none', then the mean over all positions) is unchanged."""
-    unce = make_main_criterion(unce=True, old_cl=2, reduction="none")
+    unce = UnbiasedCrossEntropy(old_cl=2, reduction="none")
     assert unce(HAND_Z, HAND_Y).mean().item() == pytest.approx(sum(HAND_UNCE) / 4, abs=1e-12)
-    bce = make_main_criterion(bce=True, reduction="none")
+    bce = BCEWithLogitsLossWithIgnoreIndex(reduction="none")
     assert bce(HAND_Z, HAND_Y).mean().item() == pytest.approx(sum(HAND_BCE) / 4, abs=1e-12)
 
 
@@ -308,14 +307,22 @@ def test_unknown_reduction_is_refused():
 
 
 def test_main_criterion_priority():
-    assert isinstance(make_main_criterion(icarl=True, unce=True, old_cl=3),
-                      BCEWithLogitsLossWithIgnoreIndex)
-    assert isinstance(make_main_criterion(bce=True), BCEWithLogitsLossWithIgnoreIndex)
-    unce = make_main_criterion(unce=True, old_cl=3, reduction="none")
-    assert isinstance(unce, UnbiasedCrossEntropy) and unce.old_cl == 3
+    """The registry picks the main loss of a step by priority, as the original chooses its
+    criterion: --bce / --icarl over --unce (also at step 0), --unce only with old classes."""
+    import methods
+    from argparser import build_options
+
+    def main_criterion(step, *argv):
+        opts = build_options(["--task", "15-5", "--step", str(step), *argv])
+        classes = [16, 5][:step + 1]
+        return methods.assemble(methods.StepInfo(opts, classes, None)).main.criterion
+    assert isinstance(main_criterion(1, "--icarl", "--unce"), BCEWithLogitsLossWithIgnoreIndex)
+    assert isinstance(main_criterion(0, "--bce"), BCEWithLogitsLossWithIgnoreIndex)
+    unce = main_criterion(1, "--unce")
+    assert isinstance(unce, UnbiasedCrossEntropy) and unce.old_cl == 16
     assert unce.reduction == "none"
-    assert isinstance(make_main_criterion(unce=True, old_cl=0), PixelCrossEntropy)
-    assert isinstance(make_main_criterion(), PixelCrossEntropy)
+    assert isinstance(main_criterion(0, "--unce"), PixelCrossEntropy)
+    assert isinstance(main_criterion(1), PixelCrossEntropy)
 
 
 def test_plain_ce_equals_torch_cross_entropy_summed_over_all_pixels(data):

@@ -2,13 +2,13 @@
 ``tools/demo.py``: 15-5 disjoint, step 0 trained once per kind of step 0, then step 1 of
 each method from that step-0 checkpoint, every run through ``run.py`` as a user would.
 
-Which step 0 a method starts from (``STEP0_OF``): FT, LwF, ILT and MiB train step 0
-identically (plain cross-entropy; nothing else is active without an old model), so they
-share one. LwF-MC trains step 0 with BCE, as the original does, so it has its own. EWC, PI
-and RW train the same weights as the cross-entropy step 0 (their penalty is off without an
-old model; ``tests/test_methods_e2e.py`` checks the weights are identical) but must also
-collect the importances that step 1 reads from the checkpoint's trainer state, so each has
-its own step-0 run.
+Which step 0 a method starts from (``step0_of``, asked of the registry's step-0 signatures):
+FT, LwF, ILT and MiB train step 0 identically (plain cross-entropy; nothing else is active
+without an old model), so they share one. LwF-MC trains step 0 with BCE, as the original
+does, so it has its own. EWC, PI and RW train the same weights as the cross-entropy step 0
+(their penalty is off without an old model; ``tests/test_methods_e2e.py`` checks the weights
+are identical) but must also collect the importances that step 1 reads from the checkpoint's
+trainer state, so each has its own step-0 run.
 
 Everything lives under one output folder: ``data/`` (the synthetic tree), ``index/<run>/``
 (the index lists), ``checkpoints/``, ``logs/15-5-voc/<run>/`` (TensorBoard, log.txt,
@@ -24,6 +24,7 @@ The runner underneath (``run_process``: one ``run.py`` with its console log, sto
 on Ctrl-C; ``run_jobs``: jobs side by side with dependencies) is shared with the sweeps of
 ``tools/sweep.py``.
 """
+import functools
 import os
 import shlex
 import shutil
@@ -46,8 +47,20 @@ TASK = "15-5"
 DATASET = "voc"
 TASK_NAME = f"{TASK}-{DATASET}"
 METHODS = ("FT", "LWF", "LWF-MC", "ILT", "EWC", "PI", "RW", "MiB")
-STEP0_OF = {"FT": "FT", "LWF": "FT", "ILT": "FT", "MiB": "FT",
-            "LWF-MC": "LWF-MC", "EWC": "EWC", "PI": "PI", "RW": "RW"}
+
+
+@functools.lru_cache(maxsize=None)
+def step0_of(method):
+    """The method of ``METHODS`` whose step-0 run ``method`` starts from: the first whose
+    step 0 trains the same way (``methods.step0_signature``)."""
+    import methods
+    from argparser import build_options
+
+    def signature(name):
+        return methods.step0_signature(build_options(["--method", name, "--task", TASK,
+                                                      "--dataset", DATASET]))
+    mine = signature(method)
+    return next(m for m in METHODS if signature(m) == mine)
 
 POLL_SECONDS = 0.5      # how often a running job's records are read
 INTERRUPT_GRACE_SECONDS = 60   # how long a stopped run.py may take to exit before SIGKILL
@@ -184,11 +197,11 @@ def step1_job(cfg, method, seed=42, suffix=""):
     name = method + suffix
     args = common_args(cfg, name, seed) + [
         "--step", "1", "--method", method,
-        "--step_ckpt", checkpoint_path(cfg, step0_name(STEP0_OF[method], suffix), 0),
+        "--step_ckpt", checkpoint_path(cfg, step0_name(step0_of(method), suffix), 0),
         "--epochs", str(cfg.epochs1), "--val_interval", str(cfg.epochs1),
         "--lr", str(cfg.step1_lr(method))]
     return Job(name, args, cfg.epochs1, os.path.join(cfg.out, "console", name + ".txt"),
-               run_logdir(cfg, name), step=1, after=step0_name(STEP0_OF[method], suffix))
+               run_logdir(cfg, name), step=1, after=step0_name(step0_of(method), suffix))
 
 
 def plan(cfg, methods, seeds):
@@ -196,7 +209,7 @@ def plan(cfg, methods, seeds):
     first, second = [], []
     for seed in seeds:
         suffix = seed_suffix(seed, seeds)
-        for group in sorted({STEP0_OF[m] for m in methods}, key=METHODS.index):
+        for group in sorted({step0_of(m) for m in methods}, key=METHODS.index):
             first.append(step0_job(cfg, group, seed, suffix))
         second += [step1_job(cfg, m, seed, suffix) for m in methods]
     return first, second
@@ -429,7 +442,7 @@ def copy_step0_results(src_results, dst_results):
 def share_step0_results(cfg, method, suffix=""):
     """Copy the step-0 result files of the run ``method`` started from into its own
     results folder (``copy_step0_results``)."""
-    copy_step0_results(results_dir(cfg, step0_name(STEP0_OF[method], suffix)),
+    copy_step0_results(results_dir(cfg, step0_name(step0_of(method), suffix)),
                        results_dir(cfg, method + suffix))
 
 

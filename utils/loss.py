@@ -24,7 +24,7 @@ from .errors import UserError
 __all__ = [
     "LossError", "PixelCrossEntropy", "UnbiasedCrossEntropy", "KnowledgeDistillationLoss",
     "UnbiasedKnowledgeDistillationLoss", "BCEWithLogitsLossWithIgnoreIndex", "IcarlLoss",
-    "IcarlDistillationLoss", "EncoderDistillationLoss", "make_main_criterion",
+    "IcarlDistillationLoss", "EncoderDistillationLoss",
 ]
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -251,16 +251,3 @@ class EncoderDistillationLoss(nn.Module):
 
     def forward(self, features, features_old):
         return F.mse_loss(_upcast(features), _upcast(features_old))
-
-
-def make_main_criterion(*, bce=False, icarl=False, unce=False, old_cl=0, ignore_index=255,
-                        reduction="mean"):
-    """The main criterion, by the original's priority: ``--bce`` or ``--icarl`` -> BCE with
-    ignore (also at step 0); ``--unce`` with old classes -> unbiased CE; else CE. The
-    disjoint iCaRL loss (which replaces it at step > 0) is the caller's choice."""
-    if bce or icarl:
-        return BCEWithLogitsLossWithIgnoreIndex(reduction=reduction, ignore_index=ignore_index)
-    if unce and old_cl:
-        return UnbiasedCrossEntropy(old_cl=old_cl, reduction=reduction,
-                                    ignore_index=ignore_index)
-    return PixelCrossEntropy(ignore_index=ignore_index, reduction=reduction)

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from dataset.loader import images_and_labels
 from utils.errors import UserError
 
 __all__ = ["PseudoLabelError", "PseudoLabels", "entropy", "accumulate_histogram",
@@ -211,7 +212,8 @@ def find_median(model_old, loader, device, nb_current_classes, mode="probability
     model_old.eval()
     try:
         with torch.no_grad():
-            for step, (images, labels) in enumerate(loader):
+            for step, item in enumerate(loader):
+                images, labels = images_and_labels(item)
                 images = images.to(device, dtype=torch.float32)
                 labels = labels.to(device, dtype=torch.long)
                 with _autocast_context(autocast, device):
