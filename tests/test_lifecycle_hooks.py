@@ -13,7 +13,7 @@ from engine import build
 from engine.evaluate import evaluate
 from methods import registry
 from metrics import StreamSegMetrics
-from test_trainer_helpers import TinySegNet, batch
+from trainer_helpers import TinySegNet, batch
 from tools.compare_revisions import differences
 from train import Trainer
 
