@@ -49,7 +49,8 @@ def test_the_command_line_knows_the_new_method(l2d, capsys):
     with pytest.raises(SystemExit) as e:
         run.main(["--loss_l2", "-1"])
     assert e.value.code == 1
-    assert capsys.readouterr().err.strip() == "error: --loss_l2 must be 0 or more, got -1.0"
+    assert capsys.readouterr().err.strip() == "error: --loss_l2 must be at least 0, got -1"
+    assert methods.option_ranges()["loss_l2"].text() == "at least 0"   # its OPTION_RANGES
 
 
 def test_the_trainer_adds_the_declared_term_at_step1_only(l2d):
