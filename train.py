@@ -28,6 +28,7 @@ from dataset.loader import as_mapping
 from segmentation_module import unwrap
 from utils import distributed
 from utils.errors import UserError
+from utils.eta import sequence_left
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -58,12 +59,19 @@ def format_seconds(seconds):
     return tqdm.format_interval(max(seconds, 0.0))
 
 
-def step_speed(images, seconds, iterations_done, iterations_left):
+def step_speed(images, seconds, iterations_done, iterations_left, step_iterations=0,
+               later_share=None):
     """Images per second so far and the time left of the step's training at that pace,
-    for the progress bar and the log (as torchvision's reference scripts show them)."""
+    for the progress bar and the log (as torchvision's reference scripts show them); with
+    ``later_share`` (utils/eta.py) the estimate for the whole sequence too (``~``)."""
     per_iteration = seconds / max(iterations_done, 1)
-    return {"img/s": f"{images / max(seconds, 1e-9):.1f}",
-            "step ETA": format_seconds(per_iteration * iterations_left)}
+    speed = {"img/s": f"{images / max(seconds, 1e-9):.1f}",
+             "step ETA": format_seconds(per_iteration * iterations_left)}
+    if later_share is not None:
+        left = sequence_left(iterations_left, step_iterations, later_share)
+        speed["all ETA"] = "~" + format_seconds(per_iteration * left)
+    return speed
+
 
 def micro_batch_group(index, n_iters, accumulate):
     """(size of the group of micro-batches ``index`` belongs to, is it the group's first,
@@ -106,6 +114,7 @@ class Trainer:
         self.skip_nonfinite = opts.skip_nonfinite
         self.progress = not opts.no_progress
         self.epochs = opts.epochs           # for "epoch 1 of N" and the step's ETA
+        self.later_share = None     # the later steps of a sequence, for its ETA (utils/eta.py)
         self.skipped_batches = 0
         self.scaler_skipped_steps = 0
         # --accumulate K: K micro-batches per optimiser step (docs/accumulation.md)
@@ -226,13 +235,16 @@ class Trainer:
                 value = interval_loss.item() / print_int
                 lr = optim.param_groups[0]["lr"]
                 speed = step_speed(images_seen, time.perf_counter() - start, cur_step + 1,
-                                   n_iters * (self.epochs - cur_epoch) - cur_step - 1)
+                                   n_iters * (self.epochs - cur_epoch) - cur_step - 1,
+                                   n_iters * self.epochs, self.later_share)
                 bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", **speed)
                 if logger is not None:
                     x = cur_epoch * n_iters + cur_step + 1
                     logger.debug(f"epoch {cur_epoch + 1} of {self.epochs}, batch "
                                  f"{cur_step + 1}/{n_iters}, Loss={value}, "
-                                 f"{speed['img/s']} images/s, step ETA {speed['step ETA']}")
+                                 f"{speed['img/s']} images/s, step ETA {speed['step ETA']}"
+                                 + (f", all steps {speed['all ETA']}" if "all ETA" in speed
+                                    else ""))
                     logger.add_scalar("Loss", value, x)
                 interval_loss.zero_()
         bar.close()

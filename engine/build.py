@@ -12,12 +12,13 @@ import numpy as np
 import torch
 
 import methods
+import tasks
 from dataset.factory import get_dataset, index_folder
 from dataset.loader import MappingDataset, build_loader
 from engine.body_groups import body_param_groups
 from segmentation_module import make_model
 from train import AMP_DTYPES, Trainer, optimizer_steps
-from utils import distributed
+from utils import distributed, eta
 from utils.checkpoint import (
     CheckpointError,
     check_checkpoint_fits,
@@ -230,6 +231,10 @@ def network_classes(net):
 
 
 def build_trainer(opts, ctx, classes, models, method, logger):
-    return Trainer(models.train_model, models.model_old, ctx.device, opts,
-                   trainer_state=models.prev_trainer_state, classes=classes, logger=logger,
-                   method=method, dist=ctx)
+    trainer = Trainer(models.train_model, models.model_old, ctx.device, opts,
+                      trainer_state=models.prev_trainer_state, classes=classes, logger=logger,
+                      method=method, dist=ctx)
+    steps = getattr(opts, "steps", [opts.step])
+    added = eta.new_classes(tasks.get_per_task_classes(opts.dataset, opts.task, max(steps)))
+    trainer.later_share = eta.later_steps_share(added, opts.step, steps)
+    return trainer

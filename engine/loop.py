@@ -9,6 +9,7 @@ from train import NonFiniteLossError, format_seconds
 from utils import distributed
 from utils.checkpoint import atomic_torch_save, build_checkpoint, cuda_rng_state, sha256_of
 from utils.colormap import colormap, sample_panel
+from utils.eta import sequence_left
 from utils.events import finite_or_none, peak_memory
 
 from . import build
@@ -77,7 +78,11 @@ def train_epochs(opts, ctx, logger, events, trainer, models, data, ckpt_path, me
             cost.add_epoch(result.images, result.seconds)
         total = result.main + result.reg
         trained_s += result.seconds
-        eta = format_seconds(trained_s / (epoch + 1 - start_epoch) * (opts.epochs - epoch - 1))
+        per_epoch = trained_s / (epoch + 1 - start_epoch)
+        eta = format_seconds(per_epoch * (opts.epochs - epoch - 1))
+        if trainer.later_share is not None:     # the later steps of the sequence: estimated
+            eta += ", all steps ~" + format_seconds(per_epoch * sequence_left(
+                opts.epochs - epoch - 1, opts.epochs, trainer.later_share))
         logger.info(f"end of epoch {epoch + 1} of {opts.epochs}, Average Loss={total}, "
                     f"Class Loss={result.main}, Reg Loss={result.reg} "
                     f"({result.seconds:.1f} s, "

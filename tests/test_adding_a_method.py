@@ -49,7 +49,8 @@ def test_the_command_line_knows_the_new_method(l2d, capsys):
     with pytest.raises(SystemExit) as e:
         run.main(["--loss_l2", "-1"])
     assert e.value.code == 1
-    assert capsys.readouterr().err.strip() == "error: --loss_l2 must be 0 or more, got -1.0"
+    assert capsys.readouterr().err.strip() == "error: --loss_l2 must be at least 0, got -1"
+    assert methods.option_ranges()["loss_l2"].text() == "at least 0"   # its OPTION_RANGES
 
 
 def test_the_trainer_adds_the_declared_term_at_step1_only(l2d):
@@ -96,6 +97,12 @@ def test_the_new_method_runs_end_to_end(l2d, synthetic_voc, tmp_path, monkeypatc
     assert "l2" not in epochs[0]["losses"] and epochs[1]["losses"]["l2"] > 0
     ckpt = torch.load(tmp_path / "checkpoints/step/15-5-voc_l2d_1.pth", weights_only=False)
     assert ckpt["meta"]["fingerprint"]["loss_l2"] == 10.0
+    # --step all: step 0's epoch line estimates the whole sequence too, the last step's not
+    ends = [line for line in (logdir / "log.txt").read_text().splitlines()
+            if "end of epoch" in line]
+    assert len(ends) == 2
+    assert re.search(r"step ETA 00:00, all steps ~\d\d:\d\d of training", ends[0])
+    assert "all steps" not in ends[1]
 
 
 def test_the_registration_snippet_keeps_every_family_in_order():

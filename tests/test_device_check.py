@@ -3,9 +3,11 @@ limits and the budget turning into a non-zero exit, killing a torchrun-like proc
 bundle, the targets, and (slow) the whole CPU dry run as CI runs it."""
 import json
 import os
+import select
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -188,15 +190,35 @@ def alive(pid):
         return False
 
 
+class Expired(dc.Deadline):
+    """A part's deadline that has passed, whatever the clock says."""
+
+    def left(self):
+        return 0.0
+
+
+def wait_until_ended(pid):
+    """Block until the process ``pid`` (not a child of ours) has ended: its pidfd becomes
+    readable then. The 600 s only turn a kill that never happens into a failure."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        select.select([fd], [], [], 600)
+    finally:
+        os.close(fd)
+
+
 def test_a_part_past_its_limit_is_killed_with_its_whole_process_tree(tmp_path, monkeypatch):
     pid_file = tmp_path / "child.pid"
 
     def sleepy(ctx, deadline, out):
         proc = ctx.start([sys.executable, "-c", SPAWNER, str(pid_file)], "sleepy")
-        while not pid_file.is_file() or not pid_file.read_text():
+        while not pid_file.is_file() or not pid_file.read_text():   # written at a fixed point
             assert proc.poll() is None
             time.sleep(0.01)
-        ctx.wait(proc, dc.Deadline(1.0), "the sleeper")
+        ctx.wait(proc, Expired(1.0), "the sleeper")
 
     code, doc, text = run_main(tmp_path, monkeypatch, [dc.Part("slow", dc.CHECK, 30, sleepy)])
     part = doc["parts"][0]
@@ -205,10 +227,7 @@ def test_a_part_past_its_limit_is_killed_with_its_whole_process_tree(tmp_path, m
     assert "  FAIL completed: the sleeper did not finish within the part's 1 s and was killed" \
         in text
     grandchild = int(pid_file.read_text())
-    for _ in range(3000):       # SIGKILL is sent; the process is gone moments later (at most 30 s)
-        if not alive(grandchild):
-            break
-        time.sleep(0.01)
+    wait_until_ended(grandchild)        # SIGKILL is sent; the process ends moments later
     assert not alive(grandchild)
 
 
@@ -233,19 +252,25 @@ def test_a_part_starts_only_when_the_budget_left_covers_its_whole_limit(tmp_path
 
 
 def test_each_part_is_in_the_report_on_disk_as_soon_as_it_ends(tmp_path, monkeypatch):
-    """Also while the other parts of its group still run (before: after the whole group)."""
+    """Also while the other parts of its group still run (before: after the whole group).
+    The waiting part reads the file once a report was written (no polling clock); a report
+    written only after the group would never come (the 600 s make that a failure)."""
     seen = {}
+    written = threading.Event()
+    write_report = dc.write_report
+
+    def write_and_tell(*args, **kwargs):
+        doc = write_report(*args, **kwargs)
+        written.set()
+        return doc
+
+    monkeypatch.setattr(dc, "write_report", write_and_tell)
 
     def waits_for_the_report(ctx, deadline, out):
-        path = Path(ctx.out) / dc.JSON_NAME
-        for _ in range(1000):      # up to 10 s for the other part's record
-            if path.is_file():
-                doc = json.loads(path.read_text())
-                if doc["parts"]:
-                    seen["parts"] = [(p["name"], [f["text"] for f in p["figures"]])
-                                     for p in doc["parts"]]
-                    return
-            time.sleep(0.01)
+        if written.wait(600):
+            doc = json.loads((Path(ctx.out) / dc.JSON_NAME).read_text())
+            seen["parts"] = [(p["name"], [f["text"] for f in p["figures"]])
+                             for p in doc["parts"]]
 
     run_main(tmp_path, monkeypatch, [dc.Part("figs", dc.FIGURES, 30, figures, group="g"),
                                      dc.Part("later", dc.CHECK, 30, waits_for_the_report,
