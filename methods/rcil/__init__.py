@@ -125,6 +125,8 @@ class TwinBranches(Part):
         if info.opts.rcil_private_rng:
             self.generator = torch.Generator().manual_seed(
                 int(info.opts.random_seed) * 1000 + info.step)
+            # a key of the resume state only with the fix: other runs' checkpoints unchanged
+            self.state_key = "rcil_rng"
 
     def network(self, net, role):
         opts, step = self.info.opts, self.info.step
