@@ -4,7 +4,7 @@ to add one.
 
 The order of registration is the order in which the terms of a step add up (the original's:
 output distillation, feature distillation, iCaRL), so it is part of the numbers."""
-from . import ft, ilt, lwf, lwf_mc, mib, plop, regularizers
+from . import ft, ilt, lwf, lwf_mc, mib, plop, rcil, regularizers
 from .base import Batch, MainLoss, Method, Part, Penalty, StepInfo, StepState, Term
 from .registry import (
     StepMethod,
@@ -24,7 +24,7 @@ from .registry import (
     step0_signature,
 )
 
-for _family in (ft, lwf, mib, ilt, lwf_mc, regularizers, plop):
+for _family in (ft, lwf, mib, ilt, lwf_mc, regularizers, plop, rcil):
     register(_family)
 
 __all__ = ["Batch", "MainLoss", "Method", "Part", "Penalty", "StepInfo", "StepState", "Term",

@@ -12,7 +12,8 @@ CPU = torch.device("cpu")
 
 def test_every_method_is_declared_once_with_its_preset():
     names = methods.method_names()
-    assert names == ["FT", "LWF", "MiB", "ILT", "LWF-MC", "EWC", "RW", "PI", "PLOP"]
+    assert names == ["FT", "LWF", "MiB", "ILT", "LWF-MC", "EWC", "RW", "PI", "PLOP",
+                     "RCIL"]
     assert methods.find_method("mib").name == "MiB" and methods.find_method("x") is None
     assert methods.presets()["ILT"] == {"loss_kd": 100, "loss_de": 100}
 
@@ -40,7 +41,7 @@ def test_step0_signatures_group_the_methods_that_share_step0():
         signature = methods.step0_signature(parse_options(["--method", name]))
         groups.setdefault(signature, []).append(name)
     assert sorted(groups.values()) == sorted([["FT", "LWF", "MiB", "ILT", "PLOP"], ["LWF-MC"],
-                                              ["EWC"], ["RW"], ["PI"]])
+                                              ["EWC"], ["RW"], ["PI"], ["RCIL"]])
     # an option a step-0 part reads changes the signature
     assert methods.step0_signature(parse_options(["--method", "EWC"])) != \
         methods.step0_signature(parse_options(["--method", "EWC", "--reg_alpha", "0.5"]))
