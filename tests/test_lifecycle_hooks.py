@@ -5,6 +5,7 @@ bit-for-bit check."""
 import types
 
 import torch
+from trainer_helpers import TinySegNet, batch
 
 import methods
 from argparser import build_options
@@ -13,7 +14,6 @@ from engine import build
 from engine.evaluate import evaluate
 from methods import registry
 from metrics import StreamSegMetrics
-from trainer_helpers import TinySegNet, batch
 from tools.compare_revisions import differences
 from train import Trainer
 
