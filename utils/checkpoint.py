@@ -345,7 +345,7 @@ def build_checkpoint(*, epoch, model, optimizer, scheduler, best_score, trainer,
         "scheduler_state": scheduler.state_dict(),
         "best_score": best_score,
         "trainer_state": trainer.state_dict(),
-        "scaler_state": trainer.scaler.state_dict(),
+        "scaler_state": trainer.scaler_state(),
         "meta": meta,
         "resume_state": {"rng": rng_states(cuda_rng_by_rank), "trainer": trainer.full_state(),
                          "val_results": val_results},
@@ -380,5 +380,5 @@ def restore_checkpoint(ckpt, path, *, model, optimizer, scheduler, trainer):
         if ckpt.get("trainer_state"):
             trainer.load_state_dict(ckpt["trainer_state"])
         if ckpt.get("scaler_state"):
-            trainer.scaler.load_state_dict(ckpt["scaler_state"])
+            trainer.load_scaler_state(ckpt["scaler_state"])
     return ckpt["epoch"] + 1, ckpt.get("best_score", 0.0), (resume or {}).get("val_results")
