@@ -105,6 +105,29 @@ def _floats(value):
     return vals
 
 
+# The original's method options, in the original's order (its --help and the namespace's
+# order); their types, defaults and help are declared by the method families
+# (``OPTIONS`` of ``methods/lwf.py``, ``mib.py``, ``ilt.py``, ``lwf_mc.py``, ``regularizers.py``).
+ORIGINAL_METHOD_OPTIONS = (
+    "bce", "unce", "loss_kd", "unkd", "alpha", "loss_de", "init_balanced", "icarl",
+    "icarl_importance", "icarl_disjoint", "icarl_bkg", "regularizer", "reg_importance",
+    "reg_alpha", "reg_no_normalize", "reg_iterations",
+)
+
+
+def _add_method_options(group):
+    """The families' ``OPTIONS``: the original's in its order, then any others."""
+    declared = methods.options()
+    missing = [name for name in ORIGINAL_METHOD_OPTIONS if name not in declared]
+    if missing:
+        raise RuntimeError(f"no registered method family declares the original's option(s) "
+                           f"{', '.join('--' + n for n in missing)}")
+    names = ORIGINAL_METHOD_OPTIONS + tuple(n for n in declared
+                                            if n not in ORIGINAL_METHOD_OPTIONS)
+    for name in names:
+        group.add_argument(f"--{name}", **declared[name])
+
+
 def get_argparser():
     p = _Parser(description="MiB: incremental semantic segmentation (FT, LwF, LwF-MC, ILT, "
                             "EWC, RW, PI, MiB) on Pascal VOC 2012 and ADE20K.",
@@ -184,37 +207,7 @@ def get_argparser():
     g.add_argument("--explicit_overrides_preset", action="store_true", default=False,
                    help="[new] options given explicitly win over the --method preset "
                         "(the original lets the preset win)")
-    g.add_argument("--bce", action="store_true", default=False,
-                   help="BCE-with-ignore criterion instead of cross-entropy")
-    g.add_argument("--unce", action="store_true", default=False,
-                   help="unbiased cross-entropy at step>0 (MiB)")
-    g.add_argument("--loss_kd", type=float, default=0.0,
-                   help="weight of output distillation (step>0)")
-    g.add_argument("--unkd", action="store_true", default=False,
-                   help="unbiased distillation instead of plain KD (MiB)")
-    g.add_argument("--alpha", type=float, default=1.0,
-                   help="multiplies the teacher logits inside (un)biased KD")
-    g.add_argument("--loss_de", type=float, default=0.0,
-                   help="weight of encoder (feature) distillation (step>0)")
-    g.add_argument("--init_balanced", action="store_true", default=False,
-                   help="background-based init of the new classifier at step>0 (MiB)")
-    g.add_argument("--icarl", action="store_true", default=False,
-                   help="iCaRL-style BCE training and distillation (LwF-MC)")
-    g.add_argument("--icarl_importance", type=float, default=1.0,
-                   help="weight of the combined iCaRL distillation term")
-    g.add_argument("--icarl_disjoint", action="store_true", default=False,
-                   help="disjoint iCaRL loss instead of the combined one")
-    g.add_argument("--icarl_bkg", action="store_true", default=False,
-                   help="disjoint iCaRL: keep the ground truth for channel 0")
-    g.add_argument("--regularizer", type=str, default=None, choices=["ewc", "rw", "pi"],
-                   help="weight-importance regulariser")
-    g.add_argument("--reg_importance", type=float, default=1.0, help="weight of the penalty")
-    g.add_argument("--reg_alpha", type=float, default=0.9,
-                   help="weight of the newest squared gradient in the Fisher estimate")
-    g.add_argument("--reg_no_normalize", action="store_true", default=False,
-                   help="do not min-max normalise the importances of the previous step")
-    g.add_argument("--reg_iterations", type=int, default=10,
-                   help="RW: score update period in iterations")
+    _add_method_options(g)
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=30, help="epochs of this step")
@@ -383,10 +376,7 @@ OPTION_RANGES = {
     "epochs": Range(1), "batch_size": Range(1), "crop_size": Range(16),
     "val_interval": Range(1), "ckpt_interval": Range(1), "print_interval": Range(1),
     "num_workers": Range(0), "sample_num": Range(0), "random_seed": Range(0, 2 ** 32 - 1),
-    "pooling": Range(1),
-    "loss_kd": Range(0), "loss_de": Range(0), "alpha": Range(0, low_open=True),
-    "icarl_importance": Range(0), "reg_importance": Range(0), "reg_alpha": Range(0, 1),
-    "reg_iterations": Range(1), "accumulate": Range(1), "total_batch": Range(1),
+    "pooling": Range(1), "accumulate": Range(1), "total_batch": Range(1),
     "body_lr_factor": Range(0, low_open=True),
 }
 

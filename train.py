@@ -29,8 +29,9 @@ from segmentation_module import unwrap
 from utils import distributed
 from utils.errors import UserError
 from utils.eta import sequence_left
+from utils.runtime import AMP_DTYPES, Runtime
 
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = ["AMP_DTYPES", "Trainer", "optimizer_steps"]
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -108,9 +109,9 @@ class Trainer:
         method.setup(unwrap(model), unwrap(model_old) if model_old is not None else None,
                      trainer_state)
 
-        self.amp_dtype = AMP_DTYPES[opts.amp]
-        self.scaler = torch.amp.GradScaler(device.type, enabled=opts.amp == "fp16")
-        self.channels_last = opts.channels_last == "on"
+        # precision, memory format and the batch's way to the device (utils/runtime.py)
+        self.runtime = Runtime.from_options(opts, device)
+        self.scaler = self.runtime.grad_scaler()
         self.skip_nonfinite = opts.skip_nonfinite
         self.progress = not opts.no_progress
         self.epochs = opts.epochs           # for "epoch 1 of N" and the step's ETA
@@ -121,25 +122,25 @@ class Trainer:
         self.accumulate = opts.accumulate
 
     # --- helpers --------------------------------------------------------------------------
+    @property
+    def amp_dtype(self):
+        return self.runtime.amp_dtype
+
+    @property
+    def channels_last(self):
+        return self.runtime.channels_last
+
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return self.runtime.autocast()
 
     def to_device(self, images, labels):
-        images = images.to(self.device, dtype=torch.float32, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = labels.to(self.device, dtype=torch.long, non_blocking=True)
-        return images, labels
+        return self.runtime.images(images), self.runtime.labels(labels)
 
     def make_batch(self, item, **where):
         """A ``methods.Batch`` on the device from a loader item (a mapping or a pair)."""
         item = as_mapping(item)
-        extras = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
-                  for k, v in item["extras"].items()}
-        return methods.Batch(*self.to_device(item["image"], item["label"]), extras=extras,
-                             **where)
+        return methods.Batch(*self.to_device(item["image"], item["label"]),
+                             extras=self.runtime.extras(item["extras"]), **where)
 
     def _old_forward(self, batch, validation=False):
         if self.model_old is not None and self.method.needs_old(validation):
@@ -372,6 +373,21 @@ class Trainer:
         """The label map of a batch's outputs (the method's rule; default argmax)."""
         return self.method.predict(outputs)
 
+    def validation_settings(self):
+        """The keywords of ``engine.evaluate.evaluate`` for a validation pass of this step:
+        the runtime, the losses, the outputs they read, the method's prediction rule."""
+        return {"device": self.runtime, "losses": self.validation_losses,
+                "forward_kwargs": self.validation_kwargs(), "progress": self.progress,
+                "predict": self.predict}
+
+    def log_skips(self, logger):
+        """What the step skipped (non-finite losses, loss-scaler overflows), once at its end."""
+        if self.skipped_batches:
+            logger.warning(f"{self.skipped_batches} batches skipped for a non-finite loss")
+        if self.scaler_skipped_steps:
+            logger.info(f"the fp16 loss scaler skipped {self.scaler_skipped_steps} optimiser "
+                        "steps (overflows; expected now and then)")
+
     # --- state ----------------------------------------------------------------------------
     def state_dict(self):
         """The original's trainer state (carried to the next step in the checkpoint)."""
@@ -381,6 +397,13 @@ class Trainer:
         """Resume from an original-format trainer state (its quirks included, §9.5 of
         docs/behaviour.md)."""
         self.method.load_state_dict(state)
+
+    def scaler_state(self):
+        """The loss scaler's state (the checkpoint's ``scaler_state``)."""
+        return self.scaler.state_dict()
+
+    def load_scaler_state(self, state):
+        self.scaler.load_state_dict(state)
 
     def full_state(self):
         """Everything needed to continue bit-exactly after an interruption."""

@@ -108,11 +108,11 @@ def previous_trainer_state(opts, model_old, device):
     un-updated state: the penalty costs the same whatever the importances are)."""
     if not opts.regularizer or model_old is None:
         return None
-    from utils.regularizer import get_regularizer
+    from methods.regularizers import make_regularizer
     params = list(model_old.parameters())
     for p in params:  # at step 0 this network was being trained: every parameter counts
         p.requires_grad = True
-    state = get_regularizer(model_old, None, device, opts, None).state_dict()
+    state = make_regularizer(model_old, None, device, opts, None).state_dict()
     for p in params:
         p.requires_grad = False
     return {"regularizer": state}

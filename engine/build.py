@@ -17,7 +17,7 @@ from dataset.factory import get_dataset, index_folder
 from dataset.loader import MappingDataset, build_loader
 from engine.body_groups import body_param_groups
 from segmentation_module import make_model
-from train import AMP_DTYPES, Trainer, optimizer_steps
+from train import Trainer, optimizer_steps
 from utils import distributed, eta
 from utils.checkpoint import (
     CheckpointError,
@@ -28,6 +28,7 @@ from utils.checkpoint import (
 )
 from utils.compile import maybe_compile, unwrap
 from utils.errors import RunError
+from utils.runtime import Runtime
 from utils.scheduler import make_scheduler
 
 
@@ -93,8 +94,13 @@ def build_data(opts, ctx, logger, training=True, method=None):
                     test_loader)
 
 
+def runtime_of(opts, ctx):
+    """The step's runtime (precision, memory format, device): ``utils.runtime.Runtime``."""
+    return Runtime.from_options(opts, ctx.device)
+
+
 def memory_format(opts):
-    return torch.channels_last if opts.channels_last == "on" else torch.contiguous_format
+    return Runtime.from_options(opts, "cpu").memory_format
 
 
 def make_network(opts, classes, pretrained=True, method=None, role="train"):
@@ -163,7 +169,8 @@ def step_info(opts, ctx, classes, logger=None):
 def step_state(opts, ctx, model, model_old, data, logger):
     """What ``before_step`` and ``after_step`` hooks work on."""
     return methods.StepState(model=model, model_old=model_old, train_loader=data.train_loader,
-                             device=ctx.device, logger=logger, amp_dtype=AMP_DTYPES[opts.amp])
+                             device=ctx.device, logger=logger,
+                             amp_dtype=runtime_of(opts, ctx).amp_dtype)
 
 
 def build_models(opts, ctx, classes, data, method, logger, prev_ckpt=None, prev_path=None):
@@ -171,16 +178,16 @@ def build_models(opts, ctx, classes, data, method, logger, prev_ckpt=None, prev_
     previous step's weights, the parts' ``before_step`` hooks run on them (every step), the
     optimiser with the parts' groups, the scheduler, the wrappers. No random number is drawn
     between the network's initialisation and ``before_step``."""
-    device = ctx.device
     later = opts.step > 0
     model = make_network(opts, classes, pretrained=not later, method=method, role="train")
     model_old = (make_network(opts, classes[:-1], pretrained=False, method=method, role="old")
                  if later else None)
     if opts.fix_bn:
         model.fix_bn()
-    model.to(device, memory_format=memory_format(opts))
+    runtime = runtime_of(opts, ctx)
+    runtime.place(model)
     if model_old is not None:
-        model_old.to(device, memory_format=memory_format(opts))
+        runtime.place(model_old)
     prev_trainer_state = None
     if later:
         prev_trainer_state = load_previous_step(opts, classes, model, model_old, prev_ckpt,

@@ -1,6 +1,5 @@
 """Evaluation: one function for validation and for the test phase, and the test phase itself
 (docs/behaviour.md §10.6, §10.8)."""
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -12,8 +11,9 @@ from dataset.loader import images_and_labels
 from metrics import StreamSegMetrics
 from utils import distributed
 from utils.checkpoint import check_checkpoint_fits, load_model_state, load_trusted
+from utils.runtime import Runtime
 
-from .build import make_network, memory_format, network_classes, wrap_ddp
+from .build import make_network, network_classes, runtime_of, wrap_ddp
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,15 @@ def evaluate(model, loader, metrics, device, amp_dtype=None, *, channels_last=Fa
              predict=None):
     """Predictions of ``model`` (eval mode, ``torch.inference_mode``, autocast to
     ``amp_dtype`` if given) on every batch of ``loader``, counted in ``metrics`` and summed
-    over processes on rank 0. ``losses(images, labels, outputs, features) -> (main, reg)``
+    over processes on rank 0. ``device`` is the step's ``utils.runtime.Runtime`` (its
+    precision and memory format; ``amp_dtype`` and ``channels_last`` then unused) or a plain
+    device with those two. ``losses(images, labels, outputs, features) -> (main, reg)``
     adds the loss figures; ``sample_ids`` are the batch indices whose first image is kept;
     ``predict(outputs)`` gives the label map (the method's rule; default argmax)."""
     ctx = distributed.context()
+    runtime = device if isinstance(device, Runtime) else \
+        Runtime(torch.device(device), amp_dtype, channels_last)
+    device = runtime.device
     metrics.reset()
     model.eval()
     _warn_if_padded(loader, ctx)
@@ -43,20 +48,15 @@ def evaluate(model, loader, metrics, device, amp_dtype=None, *, channels_last=Fa
     samples = []
     main_sum = torch.zeros((), device=device)
     reg_sum = torch.zeros((), device=device)
-    autocast = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype
-                else contextlib.nullcontext())
     images_seen = 0
     start = time.perf_counter()
     with torch.inference_mode():
         for i, item in enumerate(tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
                                       disable=not (progress and ctx.is_main))):
             images, labels = images_and_labels(item)
-            images = images.to(device, dtype=torch.float32, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            labels = labels.to(device, dtype=torch.long, non_blocking=True)
+            images, labels = runtime.images(images), runtime.labels(labels)
             images_seen += images.shape[0]
-            with autocast:
+            with runtime.autocast():
                 outputs, features = model(images, **(forward_kwargs or {}))
                 if losses is not None:
                     main, reg = losses(images, labels, outputs, features)
@@ -105,10 +105,10 @@ def test_phase(opts, ctx, classes, test_loader, n_classes, ckpt_path, logger,
         on_loaded()
     recorded = (ckpt.get("resume_state") or {}).get("val_results") or val_results
     del ckpt
-    model.to(ctx.device, memory_format=memory_format(opts))
-    model = wrap_ddp(model, ctx)
+    runtime = runtime_of(opts, ctx).full_precision()
+    model = wrap_ddp(runtime.place(model), ctx)
     logger.info(f"Testing {ckpt_path} on {len(test_loader.dataset)} images")
-    result = evaluate(model, test_loader, StreamSegMetrics(n_classes), ctx.device,
-                      channels_last=opts.channels_last == "on", progress=not opts.no_progress,
+    result = evaluate(model, test_loader, StreamSegMetrics(n_classes), runtime,
+                      progress=not opts.no_progress,
                       desc="test", predict=method.predict if method is not None else None)
     return result, recorded

@@ -102,12 +102,8 @@ def train_epochs(opts, ctx, logger, events, trainer, models, data, ckpt_path, me
         score = best_score
         if (epoch + 1) % opts.val_interval == 0:
             logger.info("validate on val set...")
-            evaluation = evaluate(models.train_model, data.val_loader, val_metrics, ctx.device,
-                                  trainer.amp_dtype, channels_last=trainer.channels_last,
-                                  losses=trainer.validation_losses,
-                                  forward_kwargs=trainer.validation_kwargs(),
-                                  sample_ids=sample_ids, progress=trainer.progress,
-                                  predict=trainer.predict)
+            evaluation = evaluate(models.train_model, data.val_loader, val_metrics,
+                                  sample_ids=sample_ids, **trainer.validation_settings())
             val_loss, val_score = evaluation.loss, evaluation.score
             logger.info(f"Validation, Class Loss={val_loss[0]}, Reg Loss={val_loss[1]} "
                         "(only rank 0)")
@@ -131,11 +127,7 @@ def train_epochs(opts, ctx, logger, events, trainer, models, data, ckpt_path, me
                                                    data, logger))
     kept = trainer.method.memory_state()
     save(opts.epochs, best_score, "step finished", final=True)
-    if trainer.skipped_batches:
-        logger.warning(f"{trainer.skipped_batches} batches skipped for a non-finite loss")
-    if trainer.scaler_skipped_steps:
-        logger.info(f"the fp16 loss scaler skipped {trainer.scaler_skipped_steps} optimiser "
-                    "steps (overflows; expected now and then)")
+    trainer.log_skips(logger)
     distributed.barrier()
     return val_results
 

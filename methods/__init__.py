@@ -17,6 +17,7 @@ from .registry import (
     fingerprint_keys,
     method_names,
     option_ranges,
+    options,
     plain_fine_tuning,
     presets,
     register,
@@ -30,4 +31,4 @@ for _family in (ft, lwf, mib, ilt, lwf_mc, regularizers, plop, rcil):
 __all__ = ["Batch", "MainLoss", "Method", "Part", "Penalty", "StepInfo", "StepState", "Term",
            "StepMethod", "add_arguments", "all_methods", "assemble", "check_options",
            "families", "find_method", "fingerprint_keys", "method_names", "option_ranges",
-           "plain_fine_tuning", "presets", "register", "state_keys", "step0_signature"]
+           "options", "plain_fine_tuning", "presets", "register", "state_keys", "step0_signature"]

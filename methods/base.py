@@ -76,10 +76,11 @@ and ``features`` (extra outputs of the network: ``"body"``, ``"pre_logits"``,
 ``"attentions"``, ``"sem_logits_small"``), so that other methods pay nothing for them.
 """
 import abc
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
+
+from utils.runtime import Runtime
 
 __all__ = ["Method", "StepInfo", "StepState", "Batch", "Part", "MainLoss", "Term", "Penalty"]
 
@@ -134,9 +135,8 @@ class StepState:
     amp_dtype: torch.dtype = None
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        """Autocast as the trainer runs it (``utils.runtime.Runtime``)."""
+        return Runtime(torch.device(self.device), self.amp_dtype).autocast()
 
 
 class Batch:

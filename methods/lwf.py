@@ -1,9 +1,20 @@
 """LwF: knowledge distillation of the old model's outputs (docs/behaviour.md §8.5)."""
 from utils.loss import KnowledgeDistillationLoss
+from utils.option_range import Range
 
 from .base import Method, Term
 
 METHODS = (Method("LWF", {"loss_kd": 100}, "cross-entropy + 100 x KD"),)
+
+# the original's options of output distillation (MiB reads them too), as argparse keywords;
+# argparser.py lists the original's options in the original's order
+OPTIONS = {
+    "loss_kd": dict(type=float, default=0.0, help="weight of output distillation (step>0)"),
+    "alpha": dict(type=float, default=1.0,
+                  help="multiplies the teacher logits inside (un)biased KD"),
+}
+OPTION_RANGES = {"loss_kd": Range(0), "alpha": Range(0, low_open=True)}
+FINGERPRINT_KEYS = ("loss_kd", "alpha")
 
 
 class OutputDistillation(Term):

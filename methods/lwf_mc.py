@@ -4,11 +4,29 @@ alone selects the same criterion."""
 import torch
 
 from utils.loss import BCEWithLogitsLossWithIgnoreIndex, IcarlDistillationLoss, IcarlLoss
+from utils.option_range import Range
 
 from .base import MainLoss, Method, Term
 
 METHODS = (Method("LWF-MC", {"icarl": True, "icarl_importance": 10},
                   "BCE (also at step 0) + 10 x iCaRL distillation"),)
+
+# the original's options of the BCE criterion and iCaRL, as argparse keywords (argparser.py
+# orders the original's options)
+OPTIONS = {
+    "bce": dict(action="store_true", default=False,
+                help="BCE-with-ignore criterion instead of cross-entropy"),
+    "icarl": dict(action="store_true", default=False,
+                  help="iCaRL-style BCE training and distillation (LwF-MC)"),
+    "icarl_importance": dict(type=float, default=1.0,
+                             help="weight of the combined iCaRL distillation term"),
+    "icarl_disjoint": dict(action="store_true", default=False,
+                           help="disjoint iCaRL loss instead of the combined one"),
+    "icarl_bkg": dict(action="store_true", default=False,
+                      help="disjoint iCaRL: keep the ground truth for channel 0"),
+}
+OPTION_RANGES = {"icarl_importance": Range(0)}
+FINGERPRINT_KEYS = tuple(OPTIONS)
 
 
 class BinaryCrossEntropy(MainLoss):

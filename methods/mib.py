@@ -8,6 +8,17 @@ from .lwf import OutputDistillation
 METHODS = (Method("MiB", {"loss_kd": 10, "unce": True, "unkd": True, "init_balanced": True},
                   "unbiased cross-entropy + 10 x unbiased KD + background-based init"),)
 
+# the original's options of MiB, as argparse keywords (argparser.py orders them)
+OPTIONS = {
+    "unce": dict(action="store_true", default=False,
+                 help="unbiased cross-entropy at step>0 (MiB)"),
+    "unkd": dict(action="store_true", default=False,
+                 help="unbiased distillation instead of plain KD (MiB)"),
+    "init_balanced": dict(action="store_true", default=False,
+                          help="background-based init of the new classifier at step>0 (MiB)"),
+}
+FINGERPRINT_KEYS = tuple(OPTIONS)
+
 
 class UnbiasedCE(MainLoss):
     """``--unce`` at step > 0: the background absorbs the old classes."""

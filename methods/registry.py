@@ -4,7 +4,9 @@ A family module (``methods/lwf.py``, ...) declares:
 
 * ``METHODS``: its ``--method`` entries (``Method(name, preset)``);
 * ``parts(info)``: the parts active for the options ``info.opts`` of a step;
-* optionally ``add_arguments(parser)`` (its own command-line options),
+* optionally ``OPTIONS`` (its options of the command line's "method" group: argparse keywords
+  by option name; ``argparser.py`` adds the original's in the original's order, then the
+  others), ``add_arguments(parser)`` (options in a group of its own),
   ``check_options(opts, explicit)`` (validation; returns warnings, raises ``OptionError``),
   ``OPTION_RANGES`` (its numeric options' ``argparser.Range``),
   ``FINGERPRINT_KEYS`` (its options that change what a step trains) and ``STATE_KEYS``
@@ -49,6 +51,18 @@ def find_method(name):
 
 def presets():
     return {m.name: dict(m.preset) for m in all_methods()}
+
+
+def options():
+    """The options the families declare in ``OPTIONS`` (name -> argparse keywords), in the
+    order of registration; a name declared twice is a mistake of the families."""
+    declared = {}
+    for family in _FAMILIES:
+        for name, keywords in getattr(family, "OPTIONS", {}).items():
+            if name in declared:
+                raise ValueError(f"option --{name} is declared by two method families")
+            declared[name] = keywords
+    return declared
 
 
 def add_arguments(parser):

@@ -4,6 +4,7 @@ so every step of a sequence must use the same method (Q15)."""
 import logging
 
 from utils.errors import OptionError
+from utils.option_range import Range
 from utils.regularizer import get_regularizer
 
 from .base import Method, Penalty
@@ -17,6 +18,23 @@ METHODS = (
            "cross-entropy + 500 x path-integral penalty"),
 )
 STATE_KEYS = ("regularizer",)
+
+# the original's options of the regularisers, as argparse keywords (argparser.py orders the
+# original's options)
+OPTIONS = {
+    "regularizer": dict(type=str, default=None, choices=["ewc", "rw", "pi"],
+                        help="weight-importance regulariser"),
+    "reg_importance": dict(type=float, default=1.0, help="weight of the penalty"),
+    "reg_alpha": dict(type=float, default=0.9,
+                      help="weight of the newest squared gradient in the Fisher estimate"),
+    "reg_no_normalize": dict(action="store_true", default=False,
+                             help="do not min-max normalise the importances of the previous "
+                                  "step"),
+    "reg_iterations": dict(type=int, default=10, help="RW: score update period in iterations"),
+}
+OPTION_RANGES = {"reg_importance": Range(0), "reg_alpha": Range(0, 1),
+                 "reg_iterations": Range(1)}
+FINGERPRINT_KEYS = tuple(OPTIONS)
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +56,8 @@ class WeightRegularizer(Penalty):
         if self.info.step > 0 and old_state is None:
             log.warning("the previous step saved no regulariser state: no penalty at this "
                         "step (run step 0 with the same --method)")
-        self.regularizer = get_regularizer(model, model_old, self.info.device, self.info.opts,
-                                           old_state)
+        self.regularizer = make_regularizer(model, model_old, self.info.device, self.info.opts,
+                                            old_state)
 
     def after_backward(self):
         if self.info.is_main:      # the original updates the importances on rank 0 only
@@ -59,6 +77,14 @@ class WeightRegularizer(Penalty):
 
     def load_full_state(self, state):
         self.regularizer.load_full_state(state)
+
+
+def make_regularizer(model, model_old, device, opts, old_state):
+    """The regulariser of ``--regularizer`` with the settings of ``--reg_alpha``,
+    ``--reg_iterations`` and ``--reg_no_normalize`` (``utils.regularizer.get_regularizer``)."""
+    return get_regularizer(model, model_old, device, opts.regularizer, old_state,
+                           alpha=opts.reg_alpha, iterations=opts.reg_iterations,
+                           normalize=not opts.reg_no_normalize)
 
 
 def parts(info):

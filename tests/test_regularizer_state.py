@@ -1,6 +1,7 @@
 """Regulariser penalties with a previous step's state, the original-format state round trip
-and its resume quirks, the full (crash-resume) state, get_regularizer, and the promise that
-updates and penalties never leave the device nor synchronise with the host."""
+and its resume quirks, the full (crash-resume) state, make_regularizer (the regulariser of
+the options), and the promise that updates and penalties never leave the device nor
+synchronise with the host."""
 import io
 import logging
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from argparser import build_options
-from utils.regularizer import EWC, PI, RW, RegularizerError, get_regularizer
+from methods.regularizers import make_regularizer
+from utils.regularizer import EWC, PI, RW, RegularizerError
 
 V_OLD = [[0.0, 1.0], [-1.0, 2.0]]
 W_OLD = [0.5, -0.5]
@@ -285,25 +287,25 @@ def opts(regularizer, **kw):
     return build_options(regularizer=regularizer, **kw)
 
 
-def test_get_regularizer_builds_the_named_one_from_the_previous_state():
-    assert get_regularizer(New(), Old(), "cpu", opts(None), None) is None
-    ewc = get_regularizer(New(), Old(), "cpu", opts("ewc", reg_alpha=0.5),
-                          {"name": "ewc", "fisher": previous(), "alpha": 0.9})
+def test_make_regularizer_builds_the_named_one_from_the_previous_state():
+    assert make_regularizer(New(), Old(), "cpu", opts(None), None) is None
+    ewc = make_regularizer(New(), Old(), "cpu", opts("ewc", reg_alpha=0.5),
+                           {"name": "ewc", "fisher": previous(), "alpha": 0.9})
     assert isinstance(ewc, EWC) and ewc.alpha == 0.5 and ewc.penalize and ewc.normalize
-    rw = get_regularizer(New(), Old(), "cpu", opts("rw", reg_iterations=4,
-                                                   reg_no_normalize=True), None)
+    rw = make_regularizer(New(), Old(), "cpu", opts("rw", reg_iterations=4,
+                                                    reg_no_normalize=True), None)
     assert isinstance(rw, RW) and rw.iterations == 4 and not rw.normalize
     assert rw.penalty() == 0.0
-    pi = get_regularizer(New(), Old(), "cpu", opts("pi"), {"name": "pi", "score": previous()})
+    pi = make_regularizer(New(), Old(), "cpu", opts("pi"), {"name": "pi", "score": previous()})
     assert isinstance(pi, PI) and pi.penalize
 
 
-def test_get_regularizer_warns_on_a_different_previous_regulariser(caplog):
+def test_make_regularizer_warns_on_a_different_previous_regulariser(caplog):
     rw_state = {"name": "rw", "score": previous(), "fisher": previous(), "iteration": 10,
                 "alpha": 0.9}
     with caplog.at_level(logging.WARNING, logger="utils.regularizer"):
-        ewc = get_regularizer(New(), Old(), "cpu", opts("ewc"), rw_state)
+        ewc = make_regularizer(New(), Old(), "cpu", opts("ewc"), rw_state)
     assert isinstance(ewc, EWC) and ewc.penalize
     assert "rw" in caplog.text and "ewc" in caplog.text
     with pytest.raises(RegularizerError, match="'fisher'.*same --method"):
-        get_regularizer(New(), Old(), "cpu", opts("rw"), {"name": "pi", "score": previous()})
+        make_regularizer(New(), Old(), "cpu", opts("rw"), {"name": "pi", "score": previous()})

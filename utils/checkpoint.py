@@ -218,15 +218,14 @@ def model_state_for_checkpoint(model):
 
 CHECKPOINT_FORMAT = "mib-port/1"
 
-# Options that change what a step trains; an interrupted run resumes, and a finished step is
-# skipped, only when they match (the methods add their own options to these).
+# Options common to every method that change what a step trains; an interrupted run resumes,
+# and a finished step is skipped, only when they match. Each method family adds its own
+# (``FINGERPRINT_KEYS`` of its module, ``methods.fingerprint_keys()``).
 FINGERPRINT_KEYS = (
     "task", "dataset", "step", "epochs", "batch_size", "crop_size", "lr", "momentum",
     "weight_decay", "lr_policy", "lr_power", "lr_decay_step", "lr_decay_factor", "backbone",
-    "output_stride", "norm_act", "overlap", "no_mask", "bce", "unce", "loss_kd", "unkd",
-    "alpha", "loss_de", "init_balanced", "icarl", "icarl_importance", "icarl_disjoint",
-    "icarl_bkg", "regularizer", "reg_importance", "reg_alpha", "reg_no_normalize",
-    "reg_iterations", "fix_bn", "freeze", "random_seed", "cross_val", "train_void_as_ignore",
+    "output_stride", "norm_act", "overlap", "no_mask", "fix_bn", "freeze", "random_seed",
+    "cross_val", "train_void_as_ignore",
     "amp", "no_pretrained", "protocol", "class_order",
     "swin_shift_order", "swin_norm3_from_file", "head_rates_from_body", "body_lr_factor",
     "no_decay_norms",
@@ -346,7 +345,7 @@ def build_checkpoint(*, epoch, model, optimizer, scheduler, best_score, trainer,
         "scheduler_state": scheduler.state_dict(),
         "best_score": best_score,
         "trainer_state": trainer.state_dict(),
-        "scaler_state": trainer.scaler.state_dict(),
+        "scaler_state": trainer.scaler_state(),
         "meta": meta,
         "resume_state": {"rng": rng_states(cuda_rng_by_rank), "trainer": trainer.full_state(),
                          "val_results": val_results},
@@ -381,5 +380,5 @@ def restore_checkpoint(ckpt, path, *, model, optimizer, scheduler, trainer):
         if ckpt.get("trainer_state"):
             trainer.load_state_dict(ckpt["trainer_state"])
         if ckpt.get("scaler_state"):
-            trainer.scaler.load_state_dict(ckpt["scaler_state"])
+            trainer.load_scaler_state(ckpt["scaler_state"])
     return ckpt["epoch"] + 1, ckpt.get("best_score", 0.0), (resume or {}).get("val_results")

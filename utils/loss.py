@@ -195,7 +195,7 @@ class BCEWithLogitsLossWithIgnoreIndex(nn.Module):
 
 
 class IcarlLoss(nn.Module):
-    """The disjoint iCaRL loss (``--icarl_disjoint``), replacing the main loss at step > 0.
+    """The disjoint iCaRL loss, which replaces the main loss at step > 0 when it is chosen.
 
     ``output_old`` are the old model's **probabilities** ``sigmoid(z_old)`` (C_old channels;
     the original trainer passes them already through the sigmoid). Targets: one-hot of the
@@ -247,7 +247,7 @@ class IcarlDistillationLoss(nn.Module):
 
 class EncoderDistillationLoss(nn.Module):
     """ILT's encoder distillation: mean squared error over all elements of the body features
-    (``nn.MSELoss()``); the ``loss_de`` weight is applied by the caller."""
+    (``nn.MSELoss()``); the term's weight is applied by the caller."""
 
     def forward(self, features, features_old):
         return F.mse_loss(_upcast(features), _upcast(features_old))

@@ -14,8 +14,8 @@ Behaviour as the original MiB code, with these practical differences:
   ``state_dict()`` / ``load_state_dict()`` keep the original's format and resume semantics.
 
 The trainer calls ``update()`` after the task-loss backward (gradients already averaged over
-processes, and unscaled when a loss scaler is used) and then back-propagates
-``reg_importance * penalty()`` if it is non-zero (``penalty()`` is the Python float 0.0 when
+processes, and unscaled when a loss scaler is used) and then back-propagates the
+penalty times its weight if it is non-zero (``penalty()`` is the Python float 0.0 when
 the penalty is disabled, a 0-dim tensor otherwise).
 """
 import logging
@@ -453,25 +453,26 @@ def _needed(old_state, key, name):
     if key not in old_state:
         raise RegularizerError(
             f"the previous step's regulariser state ({old_state.get('name')!r}) has no "
-            f"{key!r}, which {name.upper()} needs; run every step with the same --method / "
-            f"--regularizer")
+            f"{key!r}, which {name.upper()} needs; run every step with the same --method "
+            f"(the same regulariser)")
     return old_state[key]
 
 
-def get_regularizer(model, model_old, device, opts, old_state):
-    """The regulariser named by ``opts.regularizer`` (None, 'ewc', 'pi', 'rw'), built from the
-    previous step's ``trainer_state['regularizer']`` (or None). A name that differs from the
-    previous state's only logs a warning, as the original."""
-    name = opts.regularizer
+def get_regularizer(model, model_old, device, name, old_state, *, alpha, iterations,
+                    normalize):
+    """The regulariser ``name`` (None, 'ewc', 'pi', 'rw'), built from the previous step's
+    ``trainer_state['regularizer']`` (or None); ``alpha`` (EWC, RW), ``iterations`` (RW) and
+    ``normalize`` are its settings (the options' reading is the method's,
+    ``methods/regularizers.py``). A name that differs from the previous state's only logs a
+    warning, as the original."""
     if old_state is not None and old_state.get("name", name) != name:
         logger.warning("the regulariser %s differs from the one of the previous step's state "
                        "(%s)", name, old_state.get("name"))
     if name is None:
         return None
-    normalize = not opts.reg_no_normalize
     if name == "ewc":
         fisher = None if old_state is None else _needed(old_state, "fisher", name)
-        return EWC(model, model_old, device, fisher=fisher, alpha=opts.reg_alpha,
+        return EWC(model, model_old, device, fisher=fisher, alpha=alpha,
                    normalize=normalize)
     if name == "pi":
         score = None if old_state is None else _needed(old_state, "score", name)
@@ -481,6 +482,6 @@ def get_regularizer(model, model_old, device, opts, old_state):
         if old_state is not None:
             score = _needed(old_state, "score", name)
             fisher = _needed(old_state, "fisher", name)
-        return RW(model, model_old, device, score=score, fisher=fisher, alpha=opts.reg_alpha,
-                  iterations=opts.reg_iterations, normalize=normalize)
+        return RW(model, model_old, device, score=score, fisher=fisher, alpha=alpha,
+                  iterations=iterations, normalize=normalize)
     raise RegularizerError(f"unknown regulariser {name!r}; use ewc, pi or rw")

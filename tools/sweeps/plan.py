@@ -33,6 +33,23 @@ from .spec import SweepError, epochs_per_step, option_args, shown
 # options outside the checkpoint fingerprint that still change what a step-0 run produces
 STEP0_EXTRA_KEYS = ("data_root", "pretrained_dir", "crop_val", "val_on_trainset")
 
+# The order of the options in a step-0 key, whose digest names the shared step-0 runs of
+# every sweep written so far: the fingerprint's order when the original's method options were
+# still part of the common list. The digest depends on the order, so it is fixed here (a
+# moved declaration must not rename existing runs); options not listed follow in the order
+# of the common list, the method families, then STEP0_EXTRA_KEYS.
+STEP0_KEY_ORDER = (
+    "task", "dataset", "step", "epochs", "batch_size", "crop_size", "lr", "momentum",
+    "weight_decay", "lr_policy", "lr_power", "lr_decay_step", "lr_decay_factor", "backbone",
+    "output_stride", "norm_act", "overlap", "no_mask", "bce", "unce", "loss_kd", "unkd",
+    "alpha", "loss_de", "init_balanced", "icarl", "icarl_importance", "icarl_disjoint",
+    "icarl_bkg", "regularizer", "reg_importance", "reg_alpha", "reg_no_normalize",
+    "reg_iterations", "fix_bn", "freeze", "random_seed", "cross_val", "train_void_as_ignore",
+    "amp", "no_pretrained", "protocol", "class_order",
+    "swin_shift_order", "swin_norm3_from_file", "head_rates_from_body", "body_lr_factor",
+    "no_decay_norms",
+)
+
 
 @dataclass
 class Command:
@@ -147,12 +164,14 @@ def parse(argv, name, where):
 def step0_option_keys():
     """The options of ``step0_key``: the checkpoint fingerprint's and the methods' (those of
     the presets left out: what they change at step 0 is in the signature) plus
-    ``STEP0_EXTRA_KEYS``."""
+    ``STEP0_EXTRA_KEYS``, in the order ``STEP0_KEY_ORDER`` fixes."""
     import methods
     from utils.checkpoint import FINGERPRINT_KEYS
     preset = {k for m in methods.all_methods() for k in m.preset}
     keys = dict.fromkeys(FINGERPRINT_KEYS + methods.fingerprint_keys() + STEP0_EXTRA_KEYS)
-    return tuple(k for k in keys if k not in preset)
+    ordered = [k for k in STEP0_KEY_ORDER if k in keys] + \
+        [k for k in keys if k not in STEP0_KEY_ORDER]
+    return tuple(k for k in ordered if k not in preset)
 
 
 def step0_key(opts):
