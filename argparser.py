@@ -470,9 +470,10 @@ def _validate(opts, explicit):
     opts.lr = lr_for_step(opts, opts.step)
 
     if len(opts.lrs) > n:
-        raise OptionError(f"--lr gives {len(opts.lrs)} values but task '{opts.task}' of "
-                          f"'{opts.dataset}' has {n} steps; give at most {n} (the last value "
-                          "repeats for the later steps)")
+        # a warning, not an error: one sweep gives one --lr list to tasks of every length
+        warnings.append(f"--lr gives {len(opts.lrs)} values but task '{opts.task}' of "
+                        f"'{opts.dataset}' has {n} steps: the last {len(opts.lrs) - n} are "
+                        "not used")
     warnings += check_ranges(opts)
     _resolve_accumulation(opts, explicit)
 

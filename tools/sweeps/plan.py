@@ -33,11 +33,12 @@ from .spec import SweepError, epochs_per_step, option_args, shown
 # options outside the checkpoint fingerprint that still change what a step-0 run produces
 STEP0_EXTRA_KEYS = ("data_root", "pretrained_dir", "crop_val", "val_on_trainset")
 
-# The order of the options in a step-0 key, whose digest names the shared step-0 runs of
-# every sweep written so far: the fingerprint's order when the original's method options were
-# still part of the common list. The digest depends on the order, so it is fixed here (a
-# moved declaration must not rename existing runs); options not listed follow in the order
-# of the common list, the method families, then STEP0_EXTRA_KEYS.
+# The options of a step-0 key, in order: the digest of the key names the shared step-0 runs
+# of every sweep written so far, so this list is fixed (a moved declaration must not rename
+# existing runs). It is the fingerprint's order when the original's method options were still
+# part of the common list, then PLOP's options, then STEP0_EXTRA_KEYS. An option declared
+# later (a new family's) joins the key only when its value differs from its default, after
+# these, so that adding a family renames no run.
 STEP0_KEY_ORDER = (
     "task", "dataset", "step", "epochs", "batch_size", "crop_size", "lr", "momentum",
     "weight_decay", "lr_policy", "lr_power", "lr_decay_step", "lr_decay_factor", "backbone",
@@ -48,7 +49,13 @@ STEP0_KEY_ORDER = (
     "amp", "no_pretrained", "protocol", "class_order",
     "swin_shift_order", "swin_norm3_from_file", "head_rates_from_body", "body_lr_factor",
     "no_decay_norms",
-)
+    "pod", "pod_factor", "pod_options", "pod_prepro", "no_pod_schedule", "pod_logits",
+    "pod_large_logits", "spp_scales", "pod_deeplab_mask", "pod_deeplab_mask_factor",
+    "deeplab_mask_downscale", "pseudo", "threshold", "pseudo_nb_bins",
+    "classif_adaptive_factor", "classif_adaptive_min_factor", "entropy_normalized",
+    "true_median_thresholds", "pseudo_same_mask", "sync_thresholds", "classif_factor_bg_only",
+    "pod_per_axis_tiles", "pod_logits_logsumexp", "pod_options_per_map", "pod_in_epoch_loss",
+) + STEP0_EXTRA_KEYS
 
 
 @dataclass
@@ -162,23 +169,32 @@ def parse(argv, name, where):
 
 @functools.lru_cache(maxsize=1)
 def step0_option_keys():
-    """The options of ``step0_key``: the checkpoint fingerprint's and the methods' (those of
-    the presets left out: what they change at step 0 is in the signature) plus
-    ``STEP0_EXTRA_KEYS``, in the order ``STEP0_KEY_ORDER`` fixes."""
+    """The options of ``step0_key`` (the checkpoint fingerprint's, the methods' and
+    ``STEP0_EXTRA_KEYS``, those of the presets left out: what they change at step 0 is in the
+    signature): (the keys of ``STEP0_KEY_ORDER``, in its order; the later ones)."""
     import methods
     from utils.checkpoint import FINGERPRINT_KEYS
     preset = {k for m in methods.all_methods() for k in m.preset}
     keys = dict.fromkeys(FINGERPRINT_KEYS + methods.fingerprint_keys() + STEP0_EXTRA_KEYS)
-    ordered = [k for k in STEP0_KEY_ORDER if k in keys] + \
-        [k for k in keys if k not in STEP0_KEY_ORDER]
-    return tuple(k for k in ordered if k not in preset)
+    fixed = tuple(k for k in STEP0_KEY_ORDER if k in keys and k not in preset)
+    later = tuple(k for k in keys if k not in STEP0_KEY_ORDER and k not in preset)
+    return fixed, later
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults():
+    import argparser
+    return vars(argparser.get_argparser().parse_args([]))
 
 
 def step0_key(opts):
     """Equal for two step-0 options that train the same weights and trainer state."""
     import methods
+    fixed, later = step0_option_keys()
     return (methods.step0_signature(opts),
-            tuple((k, repr(getattr(opts, k))) for k in step0_option_keys()))
+            tuple((k, repr(getattr(opts, k))) for k in fixed)
+            + tuple((k, repr(getattr(opts, k))) for k in later
+                    if getattr(opts, k) != _defaults().get(k)))
 
 
 def key_digest(key):
