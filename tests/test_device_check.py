@@ -17,7 +17,7 @@ import device_check as dc  # noqa: E402
 
 ROOT = Path(dc.ROOT)
 BENCH = ["bench-train", "bench-methods", "bench-data", "bench-train-12", "bench-compile",
-         "bench-iabn"]
+         "bench-iabn", "bench-swin"]
 
 
 def names(parts):
@@ -29,7 +29,7 @@ def names(parts):
 def test_plan_has_every_part_in_priority_order_with_a_limit_each(cfg, e2e):
     parts = dc.plan(cfg)
     assert names(parts) == ["gpu-path", "env", "bundle", "data", "iabn-build", *e2e, "resume",
-                            "norm", "e2e-iabn", *BENCH]
+                            "norm", "e2e-iabn", "resume-iabn", *BENCH]
     kinds = [p.kind for p in parts]
     assert max(i for i, k in enumerate(kinds) if k == dc.CHECK) < kinds.index(dc.FIGURES)
     for i, p in enumerate(parts):
@@ -38,7 +38,7 @@ def test_plan_has_every_part_in_priority_order_with_a_limit_each(cfg, e2e):
     figures = [[b] for b in BENCH] if cfg.figures_alone else [BENCH]
     assert [names(b) for b in dc.batches(parts)] == [
         ["gpu-path", "env", "bundle", "data"], ["iabn-build"], [*e2e, "resume"], ["norm"],
-        ["e2e-iabn"], *figures]
+        ["e2e-iabn", "resume-iabn"], *figures]
     assert [p.name for p in parts if p.background] == ["iabn-build"]
 
 
@@ -266,7 +266,8 @@ def test_time_plan_names_what_would_not_start_in_the_worst_case():
     assert lines[-1].startswith("  worst case 190 s of a 250 s budget")
     _, late = dc.time_plan(dc.GPU, dc.plan(dc.GPU))
     checks = {p.name for p in dc.plan(dc.GPU) if p.kind == dc.CHECK}
-    assert checks & set(late) == {"e2e-iabn"}   # every other check starts in the worst case
+    # every other check starts in the worst case
+    assert checks & set(late) == {"e2e-iabn", "resume-iabn"}
 
 
 @pytest.mark.parametrize("gib,ladder", [(78, "16,32,72"), (139, "32,64,136"), (8, "8")])
@@ -441,3 +442,32 @@ def test_the_cpu_dry_run_starts_every_part_even_in_the_worst_case():
     # depend on the machine's speed
     _, late = dc.time_plan(dc.DRY_RUN, dc.plan(dc.DRY_RUN))
     assert late == []
+
+
+def test_the_swin_part_runs_the_papers_batch_and_fails_without_a_swin_figure():
+    args = " ".join(dc.GPU.swin_args)
+    for piece in ("--device cuda", "--size 512", "--batch 6", "--precision fp16",
+                  "--backbones resnet101,swin_b"):
+        assert piece in args
+    import bench_backbones
+    flags = {a for a in dc.DRY_RUN.swin_args + dc.GPU.swin_args if a.startswith("--")}
+    known = {o for a in bench_backbones.get_parser()._actions for o in a.option_strings}
+    assert flags <= known
+    rows = [{"backbone": "resnet101", "size": 512, "batch": 6, "s_per_image": 0.05,
+             "peak_mib_per_image": 2000.0, "time_ratio": 1.0, "memory_ratio": 1.0},
+            {"backbone": "swin_b", "size": 512, "batch": 6, "s_per_image": 0.08,
+             "peak_mib_per_image": 3000.0, "time_ratio": 1.6, "memory_ratio": 1.5}]
+    doc = {"argv": [], "device": "GPU", "precision": "fp16", "rows": rows}
+    out = dc.Outcome()
+    dc.backbone_figures(out, doc, ["resnet101", "swin_b"])
+    assert [f["text"] for f in out.figures] == [
+        "resnet101 (fp16, crop 512, batch 6): 0.0500 s/image, peak 2000 MiB/image",
+        "swin_b (fp16, crop 512, batch 6): 0.0800 s/image, peak 3000 MiB/image; 1.60x the "
+        "time and 1.50x the memory per image of resnet101"]
+    rows[1] = {"backbone": "swin_b", "size": 512, "batch": 6, "oom": True,
+               "error": "OutOfMemoryError: CUDA out of memory", "time_ratio": None,
+               "memory_ratio": None}
+    with pytest.raises(dc.PartFailed, match="no swin_b figure .*images per GPU do not fit"):
+        dc.backbone_figures(dc.Outcome(), doc, ["resnet101", "swin_b"])
+    with pytest.raises(dc.PartFailed, match="no swin_b figure"):
+        dc.backbone_figures(dc.Outcome(), dict(doc, rows=rows[:1]), ["resnet101", "swin_b"])
