@@ -34,13 +34,20 @@ Parts, in order of priority (``--list`` shows the limits and the worst-case time
                result must equal an uninterrupted run's bit for bit (CUDA kernels are not
                bit-deterministic, so there only the continuation and the finish are checked)
   norm         the compiled inplace_abn layers against the pure-PyTorch ones: forward,
-               input / weight / bias gradients, running statistics, per dtype
+               input / weight / bias gradients, running statistics, per dtype (fp32, bf16,
+               fp16 on CUDA), on a real process group of one (nccl / gloo, file store);
+               iabn_sync also forced through its synchronising code (``train-sync``); and
+               per implementation the MiB kept for backward and (CUDA) the peak
   e2e-iabn     the e2e run (first precision) with ``--norm_impl inplace_abn`` and the build
-               on the path, as ``auto`` trains on CUDA where the package is installed
+  resume-iabn  on the path, as ``auto`` trains on CUDA where the package is installed, and
+               the resume part with it (both at the same time)
   bench-*      the figures, by bench/run_all.py: training images/s, peak memory and MFU at
                the largest batch that fits and at the paper's 12 per GPU, the step-1 cost of
                every method against FT, evaluation, the input pipeline with 8 and 16
                workers, --compile on and off, training with the compiled norm layers
+  bench-swin   bench/bench_backbones.py: Swin-B vs ResNet-101 at the Swin papers' crop 512
+               and 6 images per GPU, fp16: s/image, peak MiB/image, ratios; fails without a
+               Swin-B figure (the papers' batch per GPU does not fit)
 
 The e2e and resume parts run at the same time (they only prove correctness); on the GPU the
 figures are taken one after the other, alone. Every part has a time limit (its subprocesses

@@ -81,8 +81,8 @@ GPU = Config(
     bench_args=("--device", "cuda", "--iters", "5", "--warmup", "2"),
     bench_batches=batch_ladder(gpu_gib=78, gib_per_image=0.8), paper_batch=12,
     bench_precisions="fp32,bf16,fp16",
-    # the compiled norm in both half precisions: under bf16 the package's wrapper works in
-    # fp32 (its kernels take fp16 only), so bf16 alone hides its memory saving
+    # the compiled norm in both half precisions: it has fp16 kernels only, so under bf16
+    # its layers run the PyTorch code (the bf16 rows should equal bench-train's)
     methods_precision="bf16", eval_precisions="fp32,bf16", iabn_precisions="bf16,fp16",
     # 40 loader batches of 12: several rounds of 16 workers' prefetching
     data_workers=(8, 16), data_images=480,
