@@ -148,7 +148,7 @@ def plan(cfg):
     parts.append(Part("e2e-iabn", CHECK, 240, functools.partial(
         part_e2e, precision=cfg.precisions[0], package=True), needs=package,
         group="package-runs"))
-    parts.append(Part("resume-iabn", CHECK, 240, functools.partial(part_resume, package=True),
+    parts.append(Part("resume-iabn", CHECK, 300, functools.partial(part_resume, package=True),
                       needs=package, group="package-runs"))
     figures_group = None if cfg.figures_alone else "figures"
     parts += [Part(s.name, FIGURES, s.limit_s, functools.partial(part_bench, spec=s),

@@ -407,13 +407,22 @@ def test_cpu_dry_run_passes_every_check_and_takes_every_figure(tmp_path):
         assert parts[name]["status"] == "pass", parts[name]
     assert [c["name"] for c in parts["gpu-path"]["checks"]] == [
         "fp16-overflow", "penalty-skip", "resume-strides"]   # rng-fewer-gpus needs CUDA
-    assert parts["e2e-iabn"]["status"] == ("pass" if iabn else "skip")
+    for name in ("e2e-iabn", "resume-iabn", "norm"):
+        assert parts[name]["status"] == ("pass" if iabn else "skip"), parts[name]
     for name, check in (("e2e-fp32", "test-exact"), ("e2e-bf16", "test-exact"),
-                        ("resume", "continues"), ("resume", "same-result")):
+                        ("resume", "continues"), ("resume", "same-result")) + (
+            (("resume-iabn", "same-result"), ("resume-iabn", "package")) if iabn else ()):
         assert check in [c["name"] for c in parts[name]["checks"]]
-    assert parts["norm"]["status"] == ("pass" if iabn else "skip")
+    if iabn:  # the sync layer also through its synchronising code, on a real gloo group
+        assert "process group of gloo, 1 process" in parts["norm"]["checks"][0]["detail"]
+        assert "iabn_sync train-sync: saved" in parts["norm"]["figures"][0]["text"]
+    swin = parts["bench-swin"]
+    assert swin["status"] == "ok" and [r["backbone"] for r in swin["data"]["backbones"]] == \
+        ["resnet18", "swin_t"]
+    assert swin["figures"][1]["text"].endswith("the memory per image of resnet18")
     # the figures: every run_all row measured, and the comparisons
-    for name in BENCH[:-1] + (["bench-iabn"] if iabn else []):
+    run_all_parts = [n for n in BENCH if n not in ("bench-iabn", "bench-swin")]
+    for name in run_all_parts + (["bench-iabn"] if iabn else []):
         rows = parts[name]["data"]["rows"]
         assert parts[name]["status"] == "ok" and rows
         assert all(r.get("images_per_s") for r in rows), rows
