@@ -277,7 +277,7 @@ def _package_classes():
         where the PyTorch layer keeps 4 (its input and output in bf16). fp16 on the CPU is
         normalised in the parameters' dtype and cast back."""
 
-        _plain_scale = False  # ABN: scale ``weight``; in-place ABN: ``|weight| + eps``
+        torch_class = InPlaceABN  # the pure-PyTorch layer with the same formula
 
         def __init__(self, num_features, eps=EPS, momentum=MOMENTUM,
                      activation="leaky_relu", activation_param=LEAKY_SLOPE, **extra):
@@ -296,20 +296,19 @@ def _package_classes():
                 return self.torch_forward(x)
             return super().forward(x.to(self.weight.dtype)).to(x.dtype)
 
+        def scale(self):
+            return self.torch_class.scale(self)
+
         def torch_forward(self, x):
-            """The pure-PyTorch layer's forward (``ABN`` / ``InPlaceABN``), on this layer."""
-            w = self.weight
-            scale = w if self._plain_scale else torch.where(w < 0, -w, w) + self.eps
-            y = F.batch_norm(x, self.running_mean, self.running_var, scale, self.bias,
-                             self.training, self.momentum, self.eps)
-            return _activate(y, self.activation, self.activation_param)
+            """The pure-PyTorch layer's forward, on this layer's parameters and buffers."""
+            return self.torch_class.forward(self, x)
 
         def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
             _drop_num_batches_tracked(state_dict, prefix)
             nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
 
     class PackageABN(_PackageMixin, inplace_abn.ABN):
-        _plain_scale = True
+        torch_class = ABN
 
     class PackageInPlaceABN(_PackageMixin, inplace_abn.InPlaceABN):
         pass
