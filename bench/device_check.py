@@ -132,7 +132,7 @@ def plan(cfg):
     parts = [
         # a few seconds of work; the imports take longer on a busy 2-core CI machine
         Part("gpu-path", CHECK, 90, part_gpu_path, group="setup"),
-        Part("env", CHECK, 60, part_env, group="setup"),
+        Part("env", CHECK, 90, part_env, group="setup"),
         Part("bundle", CHECK, 90, part_bundle, group="setup"),
         Part("data", CHECK, 90, part_data, group="setup"),
         Part("iabn-build", BUILD, 300 if cfg.iabn == "build" else 60, part_iabn_build,
