@@ -33,6 +33,7 @@ def get_parser():
     p.add_argument("--iters", type=int, default=2, help="timed iterations (default 2)")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", default=None, help="also write the rows to this file")
     return p
 
 
@@ -41,15 +42,23 @@ def measure_backbones(backbones, size, batch, device, precision="fp32", iters=2,
     """One row per backbone: seconds and peak MiB per image, and their ratios to the first."""
     rows = []
     for backbone in backbones:
-        r = common.run_isolated(measure_iteration, isolate=isolate, backbone=backbone,
-                                size=size, batches=(batch,), device=device,
-                                precision=precision, warmup=warmup, iters=iters,
-                                threads=threads)
+        try:
+            r = common.run_isolated(measure_iteration, isolate=isolate, backbone=backbone,
+                                    size=size, batches=(batch,), device=device,
+                                    precision=precision, warmup=warmup, iters=iters,
+                                    threads=threads)
+        except common.IsolatedError as e:  # out of memory: the row says so, the rest go on
+            rows.append({"backbone": backbone, "size": size, "batch": batch, "error": str(e),
+                         "oom": e.oom})
+            continue
         rows.append({"backbone": backbone, "size": size, "batch": r["batch"],
                      "s_per_image": r["seconds"] / r["batch"],
                      "peak_mib_per_image": r["peak_mib"] / r["batch"]})
     base = rows[0]
     for row in rows:
+        if "error" in row or "error" in base:
+            row["time_ratio"] = row["memory_ratio"] = None
+            continue
         row["time_ratio"] = row["s_per_image"] / base["s_per_image"]
         # not isolated, a later backbone may not grow the process's peak: no ratio then
         row["memory_ratio"] = (row["peak_mib_per_image"] / base["peak_mib_per_image"]
@@ -67,8 +76,15 @@ def main(argv=None):
     columns = [("backbone", "backbone"), ("s_per_image", "s/image"),
                ("peak_mib_per_image", "peak MiB/image"), ("time_ratio", "time ratio"),
                ("memory_ratio", "memory ratio")]
-    print(common.format_table(columns, rows))
-    return 0
+    print(common.format_table(columns, [r for r in rows if "error" not in r]))
+    for row in rows:
+        if "error" in row:
+            print(f"{row['backbone']}: {row['error']}")
+    if args.json:
+        common.write_json(args.json, {"argv": sys.argv[1:] if argv is None else list(argv),
+                                      "device": common.device_name(device),
+                                      "precision": args.precision, "rows": rows})
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -34,13 +34,20 @@ Parts, in order of priority (``--list`` shows the limits and the worst-case time
                result must equal an uninterrupted run's bit for bit (CUDA kernels are not
                bit-deterministic, so there only the continuation and the finish are checked)
   norm         the compiled inplace_abn layers against the pure-PyTorch ones: forward,
-               input / weight / bias gradients, running statistics, per dtype
+               input / weight / bias gradients, running statistics, per dtype (fp32, bf16,
+               fp16 on CUDA), on a real process group of one (nccl / gloo, file store);
+               iabn_sync also forced through its synchronising code (``train-sync``); and
+               per implementation the MiB kept for backward and (CUDA) the peak
   e2e-iabn     the e2e run (first precision) with ``--norm_impl inplace_abn`` and the build
-               on the path, as ``auto`` trains on CUDA where the package is installed
+  resume-iabn  on the path, as ``auto`` trains on CUDA where the package is installed, and
+               the resume part with it (both at the same time)
   bench-*      the figures, by bench/run_all.py: training images/s, peak memory and MFU at
                the largest batch that fits and at the paper's 12 per GPU, the step-1 cost of
                every method against FT, evaluation, the input pipeline with 8 and 16
                workers, --compile on and off, training with the compiled norm layers
+  bench-swin   bench/bench_backbones.py: Swin-B vs ResNet-101 at the Swin papers' crop 512
+               and 6 images per GPU, fp16: s/image, peak MiB/image, ratios; fails without a
+               Swin-B figure (the papers' batch per GPU does not fit)
 
 The e2e and resume parts run at the same time (they only prove correctness); on the GPU the
 figures are taken one after the other, alone. Every part has a time limit (its subprocesses
@@ -125,7 +132,7 @@ def plan(cfg):
     parts = [
         # a few seconds of work; the imports take longer on a busy 2-core CI machine
         Part("gpu-path", CHECK, 90, part_gpu_path, group="setup"),
-        Part("env", CHECK, 60, part_env, group="setup"),
+        Part("env", CHECK, 90, part_env, group="setup"),
         Part("bundle", CHECK, 90, part_bundle, group="setup"),
         Part("data", CHECK, 90, part_data, group="setup"),
         Part("iabn-build", BUILD, 300 if cfg.iabn == "build" else 60, part_iabn_build,
@@ -136,12 +143,21 @@ def plan(cfg):
     parts.append(Part("resume", CHECK, 300, part_resume, needs=("bundle", "data"),
                       group="runs"))
     parts.append(Part("norm", CHECK, 90, part_norm, needs=("bundle", "iabn-build")))
+    # the compiled package trained end to end and resumed, at the same time
+    package = ("bundle", "data", "iabn-build")
     parts.append(Part("e2e-iabn", CHECK, 240, functools.partial(
-        part_e2e, precision=cfg.precisions[0], package=True),
-        needs=("bundle", "data", "iabn-build")))
+        part_e2e, precision=cfg.precisions[0], package=True), needs=package,
+        group="package-runs"))
+    parts.append(Part("resume-iabn", CHECK, 300, functools.partial(part_resume, package=True),
+                      needs=package, group="package-runs"))
+    figures_group = None if cfg.figures_alone else "figures"
     parts += [Part(s.name, FIGURES, s.limit_s, functools.partial(part_bench, spec=s),
-                   needs=("bundle", *s.needs), group=None if cfg.figures_alone else "figures")
+                   needs=("bundle", *s.needs), group=figures_group)
               for s in bench_specs(cfg)]
+    # alone also in the dry run: two fresh processes of a Swin beside the figures group
+    # would slow every part of it on 2 cores
+    parts.append(Part("bench-swin", FIGURES, cfg.swin_limit_s, part_bench_swin,
+                      needs=("bundle",)))
     return parts
 
 
@@ -588,11 +604,8 @@ def part_e2e(ctx, deadline, out, precision, package=False):
     compiled In-Place ABN layers (``--norm_impl inplace_abn``, the build on the path), as
     ``auto`` picks them on CUDA wherever the package is installed."""
     name = f"MiB-{precision}" + ("-iabn" if package else "")
+    impl, env = package_env(ctx) if package else ([], None)
     lane = lane_dir(ctx, name)
-    impl = ["--norm_impl", "inplace_abn"] if package else []
-    env = ctx.env(ctx.iabn_path) if package and ctx.iabn_path else None
-    if package and ctx.iabn_path is None and ctx.cfg.iabn != "installed":
-        raise PartSkipped("no inplace-abn build on the path")
     args = [*run_args(ctx, name, precision, "0,1"), *impl]
     ctx.run([*ctx.torchrun(), *args], f"{name}-train", deadline, "run.py --step 0,1", cwd=lane,
             env=env)
@@ -638,17 +651,28 @@ def wait_for_checkpoint(ctx, proc, path, deadline):
         time.sleep(0.05)
 
 
-def part_resume(ctx, deadline, out):
-    c, name, epochs = ctx.cfg, "resume", 2
-    args = run_args(ctx, name, c.resume_precision, "0", epochs=epochs)
+def package_env(ctx):
+    """(the extra run.py arguments, the environment) that train with the compiled In-Place
+    ABN package: the build on the path (None: the interpreter's own, or no build)."""
+    if ctx.iabn_path is None and ctx.cfg.iabn != "installed":
+        raise PartSkipped("no inplace-abn build on the path")
+    return ["--norm_impl", "inplace_abn"], ctx.env(ctx.iabn_path) if ctx.iabn_path else None
+
+
+def part_resume(ctx, deadline, out, package=False):
+    """A step killed after its epoch-0 checkpoint and rerun; ``package``: with the compiled
+    In-Place ABN layers (their buffers and the optimiser state go through the checkpoint)."""
+    c, name, epochs = ctx.cfg, "resume" + ("-iabn" if package else ""), 2
+    impl, env = package_env(ctx) if package else ([], None)
+    args = [*run_args(ctx, name, c.resume_precision, "0", epochs=epochs), *impl]
     reference = None
     if c.exact_resume:
-        ref_lane = lane_dir(ctx, "resume-reference")
-        ctx.run([*ctx.torchrun(), *args], "resume-reference", deadline,
-                "the uninterrupted run", cwd=ref_lane)
+        ref_lane = lane_dir(ctx, f"{name}-reference")
+        ctx.run([*ctx.torchrun(), *args], f"{name}-reference", deadline,
+                "the uninterrupted run", cwd=ref_lane, env=env)
         reference = read_result(ref_lane, name, 0)
     lane = lane_dir(ctx, name)
-    proc = ctx.start([*ctx.torchrun(), *args], "resume-killed", cwd=lane)
+    proc = ctx.start([*ctx.torchrun(), *args], f"{name}-killed", cwd=lane, env=env)
     wait_for_checkpoint(ctx, proc, os.path.join(lane, "checkpoints",
                                                 f"{TASK_NAME}_{name}_0.pth"), deadline)
     kill_tree(proc)
@@ -656,7 +680,8 @@ def part_resume(ctx, deadline, out):
     out.check("killed", proc.returncode == -signal.SIGKILL,
               f"torchrun and its worker SIGKILLed after the epoch-0 checkpoint "
               f"(exit {proc.returncode})")
-    ctx.run([*ctx.torchrun(), *args], "resume-rerun", deadline, "the rerun", cwd=lane)
+    ctx.run([*ctx.torchrun(), *args], f"{name}-rerun", deadline, "the rerun", cwd=lane,
+            env=env)
     events = read_events(os.path.join(run_dir(lane, name), "events.jsonl"))
     starts = [i for i, r in enumerate(events) if r.get("event") == "start"]
     last = events[starts[-1]] if starts else {}
@@ -668,6 +693,10 @@ def part_resume(ctx, deadline, out):
               f"the same command continued at epoch {first} of {epochs} (epochs trained "
               f"then: {after}) and finished")
     resumed = read_result(lane, name, 0)
+    if package:
+        used = resumed.get("opts", {}).get("norm_impl")
+        out.check("package", used == "inplace_abn", f"trained and resumed with norm_impl "
+                  f"{used}" + ("" if used == "inplace_abn" else ", not inplace_abn"))
     if reference is None:
         out.figure("resume mIoU", f"resumed run: mIoU {percent(resumed['mean_iou'])} (not "
                                   "compared: CUDA kernels are not bit-deterministic)")
@@ -697,10 +726,32 @@ def part_norm(ctx, deadline, out):
                     key=lambda t: t[0])
         err, key, case = worst
         out.check(dtype, err <= tol, f"compiled vs pure PyTorch, {len(cases)} cases "
-                  f"(iabn_sync/iabn/abn, train/eval, contiguous/channels-last) on "
-                  f"{found['device']}: worst relative error {err:.1e} ({key}, "
-                  f"{case['norm_act']} {case['layout']} {case['mode']}), limit {tol:.0e}",
-                  worst=err)
+                  f"(iabn_sync/iabn/abn, train/eval, contiguous/channels-last, iabn_sync "
+                  f"through its synchronising code on a process group of "
+                  f"{found['group']}) on {found['device']}: worst relative error {err:.1e} "
+                  f"({key}, {case['norm_act']} {case['layout']} {case['mode']}), limit "
+                  f"{tol:.0e}", worst=err)
+        out.figure(f"norm memory {dtype}", norm_memory_text(dtype, cases),
+                   memory={f"{c['norm_act']} {c['layout']} {c['mode']}": c["memory"]
+                           for c in cases})
+
+
+def norm_memory_text(dtype, cases):
+    """What one training layer keeps for backward (and its peak, on CUDA), compiled vs
+    PyTorch: the in-place saving, and what the casts of a dtype cost."""
+    pieces = []
+    for case in cases:
+        if case["layout"] != "contiguous" or case["mode"] == "eval":
+            continue
+        m = case["memory"]
+        text = (f"{case['norm_act']} {case['mode']}: saved {m['compiled']['saved_mib']:.1f} "
+                f"vs {m['torch']['saved_mib']:.1f} MiB")
+        if "peak_mib" in m["torch"]:
+            text += (f", peak {m['compiled']['peak_mib']:.1f} vs "
+                     f"{m['torch']['peak_mib']:.1f} MiB")
+        pieces.append(text)
+    return (f"norm layers {dtype}, one 8x64x32x32 input, compiled vs PyTorch: "
+            + "; ".join(pieces))
 
 
 # --- parts: figures ---------------------------------------------------------------------------
@@ -721,6 +772,47 @@ def part_bench(ctx, deadline, out, spec):
     out.data["rows"] = rows
     for row in rows:
         out.figure(f"{row['section']} {row['case']}", row_text(row), row=row)
+
+
+def part_bench_swin(ctx, deadline, out):
+    """bench/bench_backbones.py: one training iteration of each backbone in a fresh process;
+    the part fails when the last backbone (Swin) has no row: on the GPU, the papers' batch
+    per GPU does not fit."""
+    args = ctx.cfg.swin_args
+    backbones = args[args.index("--backbones") + 1].split(",")
+    path = os.path.join(ctx.work, "bench", "bench-swin.json")
+    proc = ctx.start([sys.executable, os.path.join(ROOT, "bench", "bench_backbones.py"), *args,
+                      "--json", path], "bench-swin", env=ctx.env())
+    code = ctx.wait(proc, deadline, "bench/bench_backbones.py")
+    if not os.path.isfile(path):
+        raise PartFailed(f"bench/bench_backbones.py exited with {code} and wrote no rows: "
+                         f"{last_line(tail(proc.log))}", tail(proc.log))
+    with open(path) as f:
+        backbone_figures(out, json.load(f), backbones)
+
+
+def backbone_figures(out, doc, backbones):
+    """A figure per backbone row of bench_backbones.py's JSON; PartFailed when the last
+    backbone has no figure."""
+    rows = {r["backbone"]: dict(r, part="bench-swin") for r in doc["rows"]}
+    # not "rows": those are run_all.py's, which the comparisons and targets read
+    out.data.update(backbones=list(rows.values()), argv=doc["argv"], device=doc["device"])
+    for backbone, row in rows.items():
+        setup = f"{doc['precision']}, crop {row['size']}, batch {row['batch']}"
+        if "error" in row:
+            out.figure(backbone, f"{backbone} ({setup}): no figure ({row['error']})", row=row)
+            continue
+        ratios = "" if backbone == backbones[0] else (
+            f"; {row['time_ratio']:.2f}x the time and "
+            + (f"{row['memory_ratio']:.2f}x" if row["memory_ratio"] else "-")
+            + f" the memory per image of {backbones[0]}")
+        out.figure(backbone, f"{backbone} ({setup}): {row['s_per_image']:.4f} s/image, peak "
+                             f"{row['peak_mib_per_image']:.0f} MiB/image{ratios}", row=row)
+    swin = backbones[-1]
+    if "error" in rows.get(swin, {"error": "no row"}):
+        raise PartFailed(f"no {swin} figure ({rows.get(swin, {}).get('error', 'no row')})"
+                         + (": the papers' images per GPU do not fit" if
+                            rows.get(swin, {}).get("oom") else ""))
 
 
 # --- running the plan -------------------------------------------------------------------------

@@ -55,6 +55,8 @@ class Config:
     iabn_precisions: str
     data_workers: tuple
     data_images: int
+    swin_args: tuple          # bench/bench_backbones.py: the first backbone is the base
+    swin_limit_s: int
     compile_env: tuple = ()
     figures_alone: bool = True  # False: the figures parts run at the same time
     cuda_arch: str = "9.0"
@@ -79,11 +81,15 @@ GPU = Config(
     bench_args=("--device", "cuda", "--iters", "5", "--warmup", "2"),
     bench_batches=batch_ladder(gpu_gib=78, gib_per_image=0.8), paper_batch=12,
     bench_precisions="fp32,bf16,fp16",
-    # the compiled norm in both half precisions: under bf16 the package's wrapper works in
-    # fp32 (its kernels take fp16 only), so bf16 alone hides its memory saving
+    # the compiled norm in both half precisions: it has fp16 kernels only, so under bf16
+    # its layers run the PyTorch code (the bf16 rows should equal bench-train's)
     methods_precision="bf16", eval_precisions="fp32,bf16", iabn_precisions="bf16,fp16",
     # 40 loader batches of 12: several rounds of 16 workers' prefetching
-    data_workers=(8, 16), data_images=480)
+    data_workers=(8, 16), data_images=480,
+    # the Swin-B papers' crop and per-GPU batch (4 GPUs x 6 images of 512 px)
+    swin_args=("--device", "cuda", "--size", "512", "--batch", "6", "--precision", "fp16",
+               "--iters", "5", "--warmup", "2", "--backbones", "resnet101,swin_b"),
+    swin_limit_s=150)
 
 DRY_RUN = Config(
     mode="cpu-dry-run", device="cpu", backend="gloo", backbone="resnet18", crop=64, batch=4,
@@ -96,6 +102,10 @@ DRY_RUN = Config(
     bench_batches="2,4", paper_batch=2, bench_precisions="fp32",
     methods_precision="fp32", eval_precisions="fp32", iabn_precisions="fp32",
     data_workers=(1, 2), data_images=8,
+    # one image per batch would leave the ASPP's pooled map one value per channel: 2
+    swin_args=("--device", "cpu", "--size", "64", "--batch", "2", "--iters", "1", "--warmup",
+               "0", "--threads", "1", "--backbones", "resnet18,swin_t"),
+    swin_limit_s=150,   # 65 s on a busy 2-core machine
     # inductor takes 80+ s for this network on a 2-core CPU: the dry run proves the plumbing
     compile_env=(("TORCHDYNAMO_DISABLE", "1"),),
     # toy figures mean nothing, so they need not be taken alone: half the time on 2 cores

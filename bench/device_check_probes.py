@@ -100,9 +100,30 @@ def probe_env(args):
     return info
 
 
-def _norm_case(torch, norm_act_factory, norm_act, dtype, layout, training, device):
+def _saved_mib(torch, layer, x, minimum):
+    """``layer(x)`` and the MiB of the activation-sized tensors (at least ``minimum``
+    elements, one count per storage) that autograd keeps for backward: the figure the
+    in-place layer exists to shrink."""
+    storages = {}
+
+    def pack(t):
+        if t.numel() >= minimum:
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    return y, sum(storages.values()) / 2 ** 20
+
+
+def _norm_case(torch, norm_act_factory, norm_act, dtype, layout, mode, device):
     """Relative errors ||compiled - torch|| / ||torch|| of the output, the gradients of the
-    input, weight and bias, and the running statistics after one step."""
+    input, weight and bias, and the running statistics after one step; and per
+    implementation the MiB saved for backward and (CUDA) the peak of the step.
+    ``mode`` "train-sync": the layers take their synchronising code (the process group of
+    one is taken for two processes), as they do on every step of a multi-GPU run."""
+    import modules.norm as norm
     g = torch.Generator().manual_seed(0)
     channels = 64
     ours = norm_act_factory(norm_act, "torch")(channels)
@@ -119,44 +140,79 @@ def _norm_case(torch, norm_act_factory, norm_act, dtype, layout, training, devic
     upstream = torch.randn(x.shape, generator=g)
     fmt = torch.channels_last if layout == "channels-last" else torch.contiguous_format
     low = getattr(torch, dtype)
-    found = {}
-    for label, layer in (("torch", ours), ("compiled", theirs)):
-        layer = layer.to(device).train(training)
-        leaf = x.to(device, low, copy=True).contiguous(memory_format=fmt).requires_grad_()
-        with torch.autocast(device, dtype=low, enabled=low != torch.float32):
-            y = layer(leaf.clone())  # the package writes into its input
-        (y.float() * upstream.to(device)).sum().backward()
-        found[label] = {"output": y.float(), "input grad": leaf.grad.float(),
-                        "weight grad": layer.weight.grad, "bias grad": layer.bias.grad,
-                        "running mean": layer.running_mean, "running var": layer.running_var}
+    cuda = device == "cuda"
+    found, memory = {}, {}
+    group_size = norm._process_group_size
+    if mode == "train-sync":
+        norm._process_group_size = lambda group: 2
+    try:
+        for label, layer in (("torch", ours), ("compiled", theirs)):
+            layer = layer.to(device).train(mode != "eval")
+            leaf = x.to(device, low, copy=True).contiguous(memory_format=fmt).requires_grad_()
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            with torch.autocast(device, dtype=low, enabled=low != torch.float32):
+                # the package writes into its input: a copy of the leaf
+                y, saved = _saved_mib(torch, layer, leaf.clone(), x.numel())
+            (y.float() * upstream.to(device)).sum().backward()
+            memory[label] = {"saved_mib": saved}
+            if cuda:
+                torch.cuda.synchronize()
+                memory[label]["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+            found[label] = {"output": y.float(), "input grad": leaf.grad.float(),
+                            "weight grad": layer.weight.grad, "bias grad": layer.bias.grad,
+                            "running mean": layer.running_mean,
+                            "running var": layer.running_var}
+    finally:
+        norm._process_group_size = group_size
     errors = {}
     for key, ref in found["torch"].items():
-        other = found["compiled"][key].double()
-        ref = ref.double()
+        other = found["compiled"][key].detach().double()
+        ref = ref.detach().double()
         errors[key] = float((other - ref).norm() / ref.norm().clamp_min(1e-30))
-    return errors
+    return errors, memory
+
+
+def _process_group_of_one(torch, backend, device):
+    """A real process group (one process, a file store) for the sync layers to find."""
+    import torch.distributed as dist
+    folder = tempfile.mkdtemp(prefix="norm-probe-")
+    kwargs = {"device_id": torch.device("cuda", torch.cuda.current_device())} \
+        if device == "cuda" else {}
+    dist.init_process_group(backend, init_method=f"file://{folder}/store", rank=0,
+                            world_size=1, **kwargs)
+    return f"{backend}, 1 process"
 
 
 def probe_norm(args):
     import torch
+    import torch.distributed as dist
 
     from modules.norm import norm_act_factory
     device = args.device
     dtypes = ["float32", "bfloat16"] + (["float16"] if device == "cuda" else [])
+    group = _process_group_of_one(torch, args.backend, device)
     cases = []
-    for dtype in dtypes:
-        for norm_act in ("iabn_sync", "iabn", "abn"):
-            for layout in ("contiguous", "channels-last"):
-                for training in (True, False):
-                    case = {"dtype": dtype, "norm_act": norm_act, "layout": layout,
-                            "mode": "train" if training else "eval"}
-                    try:
-                        case["errors"] = _norm_case(torch, norm_act_factory, norm_act, dtype,
-                                                    layout, training, device)
-                    except Exception as e:  # reported as a failed check
-                        case["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                    cases.append(case)
-    return {"device": device, "cases": cases}
+    try:
+        for dtype in dtypes:
+            for norm_act in ("iabn_sync", "iabn", "abn"):
+                modes = ("train", "eval") + (("train-sync",) if norm_act == "iabn_sync" else ())
+                for layout in ("contiguous", "channels-last"):
+                    for mode in modes:
+                        case = {"dtype": dtype, "norm_act": norm_act, "layout": layout,
+                                "mode": mode}
+                        try:
+                            case["errors"], case["memory"] = _norm_case(
+                                torch, norm_act_factory, norm_act, dtype, layout, mode,
+                                device)
+                        except Exception as e:  # reported as a failed check
+                            case["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                        cases.append(case)
+    finally:
+        dist.destroy_process_group()
+    return {"device": device, "group": group, "cases": cases}
 
 
 def probe_gpu_path(args):

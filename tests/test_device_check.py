@@ -19,7 +19,7 @@ import device_check as dc  # noqa: E402
 
 ROOT = Path(dc.ROOT)
 BENCH = ["bench-train", "bench-methods", "bench-data", "bench-train-12", "bench-compile",
-         "bench-iabn"]
+         "bench-iabn", "bench-swin"]
 
 
 def names(parts):
@@ -31,16 +31,16 @@ def names(parts):
 def test_plan_has_every_part_in_priority_order_with_a_limit_each(cfg, e2e):
     parts = dc.plan(cfg)
     assert names(parts) == ["gpu-path", "env", "bundle", "data", "iabn-build", *e2e, "resume",
-                            "norm", "e2e-iabn", *BENCH]
+                            "norm", "e2e-iabn", "resume-iabn", *BENCH]
     kinds = [p.kind for p in parts]
     assert max(i for i, k in enumerate(kinds) if k == dc.CHECK) < kinds.index(dc.FIGURES)
     for i, p in enumerate(parts):
         assert 0 < p.limit_s <= cfg.budget_s, p
         assert set(p.needs) <= set(names(parts[:i])), p  # needs come earlier
-    figures = [[b] for b in BENCH] if cfg.figures_alone else [BENCH]
+    figures = [[b] for b in BENCH] if cfg.figures_alone else [BENCH[:-1], ["bench-swin"]]
     assert [names(b) for b in dc.batches(parts)] == [
         ["gpu-path", "env", "bundle", "data"], ["iabn-build"], [*e2e, "resume"], ["norm"],
-        ["e2e-iabn"], *figures]
+        ["e2e-iabn", "resume-iabn"], *figures]
     assert [p.name for p in parts if p.background] == ["iabn-build"]
 
 
@@ -291,7 +291,8 @@ def test_time_plan_names_what_would_not_start_in_the_worst_case():
     assert lines[-1].startswith("  worst case 190 s of a 250 s budget")
     _, late = dc.time_plan(dc.GPU, dc.plan(dc.GPU))
     checks = {p.name for p in dc.plan(dc.GPU) if p.kind == dc.CHECK}
-    assert checks & set(late) == {"e2e-iabn"}   # every other check starts in the worst case
+    # every other check starts in the worst case
+    assert checks & set(late) == {"e2e-iabn", "resume-iabn"}
 
 
 @pytest.mark.parametrize("gib,ladder", [(78, "16,32,72"), (139, "32,64,136"), (8, "8")])
@@ -431,13 +432,22 @@ def test_cpu_dry_run_passes_every_check_and_takes_every_figure(tmp_path):
         assert parts[name]["status"] == "pass", parts[name]
     assert [c["name"] for c in parts["gpu-path"]["checks"]] == [
         "fp16-overflow", "penalty-skip", "resume-strides"]   # rng-fewer-gpus needs CUDA
-    assert parts["e2e-iabn"]["status"] == ("pass" if iabn else "skip")
+    for name in ("e2e-iabn", "resume-iabn", "norm"):
+        assert parts[name]["status"] == ("pass" if iabn else "skip"), parts[name]
     for name, check in (("e2e-fp32", "test-exact"), ("e2e-bf16", "test-exact"),
-                        ("resume", "continues"), ("resume", "same-result")):
+                        ("resume", "continues"), ("resume", "same-result")) + (
+            (("resume-iabn", "same-result"), ("resume-iabn", "package")) if iabn else ()):
         assert check in [c["name"] for c in parts[name]["checks"]]
-    assert parts["norm"]["status"] == ("pass" if iabn else "skip")
+    if iabn:  # the sync layer also through its synchronising code, on a real gloo group
+        assert "process group of gloo, 1 process" in parts["norm"]["checks"][0]["detail"]
+        assert "iabn_sync train-sync: saved" in parts["norm"]["figures"][0]["text"]
+    swin = parts["bench-swin"]
+    assert swin["status"] == "ok" and [r["backbone"] for r in swin["data"]["backbones"]] == \
+        ["resnet18", "swin_t"]
+    assert swin["figures"][1]["text"].endswith("the memory per image of resnet18")
     # the figures: every run_all row measured, and the comparisons
-    for name in BENCH[:-1] + (["bench-iabn"] if iabn else []):
+    run_all_parts = [n for n in BENCH if n not in ("bench-iabn", "bench-swin")]
+    for name in run_all_parts + (["bench-iabn"] if iabn else []):
         rows = parts[name]["data"]["rows"]
         assert parts[name]["status"] == "ok" and rows
         assert all(r.get("images_per_s") for r in rows), rows
@@ -466,3 +476,32 @@ def test_the_cpu_dry_run_starts_every_part_even_in_the_worst_case():
     # depend on the machine's speed
     _, late = dc.time_plan(dc.DRY_RUN, dc.plan(dc.DRY_RUN))
     assert late == []
+
+
+def test_the_swin_part_runs_the_papers_batch_and_fails_without_a_swin_figure():
+    args = " ".join(dc.GPU.swin_args)
+    for piece in ("--device cuda", "--size 512", "--batch 6", "--precision fp16",
+                  "--backbones resnet101,swin_b"):
+        assert piece in args
+    import bench_backbones
+    flags = {a for a in dc.DRY_RUN.swin_args + dc.GPU.swin_args if a.startswith("--")}
+    known = {o for a in bench_backbones.get_parser()._actions for o in a.option_strings}
+    assert flags <= known
+    rows = [{"backbone": "resnet101", "size": 512, "batch": 6, "s_per_image": 0.05,
+             "peak_mib_per_image": 2000.0, "time_ratio": 1.0, "memory_ratio": 1.0},
+            {"backbone": "swin_b", "size": 512, "batch": 6, "s_per_image": 0.08,
+             "peak_mib_per_image": 3000.0, "time_ratio": 1.6, "memory_ratio": 1.5}]
+    doc = {"argv": [], "device": "GPU", "precision": "fp16", "rows": rows}
+    out = dc.Outcome()
+    dc.backbone_figures(out, doc, ["resnet101", "swin_b"])
+    assert [f["text"] for f in out.figures] == [
+        "resnet101 (fp16, crop 512, batch 6): 0.0500 s/image, peak 2000 MiB/image",
+        "swin_b (fp16, crop 512, batch 6): 0.0800 s/image, peak 3000 MiB/image; 1.60x the "
+        "time and 1.50x the memory per image of resnet101"]
+    rows[1] = {"backbone": "swin_b", "size": 512, "batch": 6, "oom": True,
+               "error": "OutOfMemoryError: CUDA out of memory", "time_ratio": None,
+               "memory_ratio": None}
+    with pytest.raises(dc.PartFailed, match="no swin_b figure .*images per GPU do not fit"):
+        dc.backbone_figures(dc.Outcome(), doc, ["resnet101", "swin_b"])
+    with pytest.raises(dc.PartFailed, match="no swin_b figure"):
+        dc.backbone_figures(dc.Outcome(), dict(doc, rows=rows[:1]), ["resnet101", "swin_b"])
