@@ -188,7 +188,9 @@ def peak_memory_mib(device, baseline=0.0):
     because every measurement runs in a fresh process (:func:`run_isolated`)."""
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return _max_rss_mib() - baseline
+    # the peak is at least what is resident now: the kernel's high-water mark lags behind
+    # (and run.py's cost record resets it), so it alone can read below the baseline
+    return max(_max_rss_mib(), _current_rss_mib()) - baseline
 
 
 def is_oom(exc):

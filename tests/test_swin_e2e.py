@@ -84,7 +84,7 @@ def test_a_killed_run_finishes_with_the_same_figures(trained, synthetic_voc, tmp
     assert checkpoint(tmp_path, method, 1)["epoch"] == 0
     out = run_entry(args, tmp_path, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "continuing at epoch 1 of 2" in out.stderr
+    assert "continuing at epoch 2 of 2" in out.stderr   # epoch 1 was saved: the second
     assert results(tmp_path, method, 1)["class_iou"] == results(workdir, method, 1)["class_iou"]
     assert torch.equal(checkpoint(tmp_path, method, 1)["model_state"]["module.body.norm3.weight"],
                        checkpoint(workdir, method, 1)["model_state"]["module.body.norm3.weight"])
